@@ -1,0 +1,682 @@
+"""
+UAE: image -> encoder E (Qwen2.5-VL) -> caption -> E re-reads the caption (text only) ->
+projector g -> decoder D (SD3 DiT + VAE + flow-matching scheduler) -> image.
+
+One code path for the real checkpoints and the offline `tiny` preset (built from configs with
+random weights, saved with save_pretrained, loaded back with from_pretrained).
+
+Flow convention (SPEC §2), used everywhere in this repo:
+    x_s = (1 - s) x0 + s eps,  s in [0, 1],  s = 1 is noise, s = 0 is data,
+    the DiT predicts v = eps - x0,  x0_hat = x_s - s v,  DiT timestep = 1000 s.
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+INSTRUCTION = ("You are an expert vision-language model. Your task is: Given an input image, generate a "
+               "textual description of the image. If there is text in the image, transcribe it inside "
+               "double quotes. Now, carefully analyze the input image and output the full description.")
+NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
+REAL_ENCODER = "Qwen/Qwen2.5-VL-3B-Instruct"
+REAL_DECODER = "stabilityai/stable-diffusion-3.5-large"
+UAE_HOME = os.path.expanduser(os.environ.get("UAE_HOME", "~/.cache/uae"))
+CKPT_FORMAT = "uae-ckpt-v1"
+
+# Qwen2.5-VL's chat template and special tokens (the tiny tokenizer carries the same ones).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# LoRA targets. Encoder: every linear layer of the language model (released UAE). DiT: Flow-GRPO's.
+ENCODER_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny preset: random weights from configs, a BPE tokenizer trained here, saved and loaded
+# through the same from_pretrained path as the real models.
+
+TINY_CORPUS = [INSTRUCTION, NEGATIVE_PROMPT, "You are a helpful assistant.",
+               "a photo of a red circle at the top left of a blue background, next to a small green square",
+               "the image shows two yellow triangles and a large purple star in the center on a white background",
+               "there is text in the image that reads \"hello world\" written in black letters",
+               "A dog, a cat, a tree, a house, a car and a person stand near the bottom right corner."]
+
+
+def build_tiny(out_dir, seed=0, corpus=None, image_size=64, vocab_size=512):
+    """Build the tiny encoder/decoder with random weights (seeded) and save_pretrained them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator((corpus or TINY_CORPUS) * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe_json["merges"]]
+    tok = Qwen2Tokenizer(vocab=bpe_json["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    patch = 8
+    improc = Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                   min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+    proc = Qwen2_5_VLProcessor(image_processor=improc, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+                               video_processor=Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2))
+    vocab = (len(tok) + 63) // 64 * 64  # padded vocab rows, as in the real model
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=32, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    enc = Qwen2_5_VLForConditionalGeneration(cfg)
+    dit = SD3Transformer2DModel(sample_size=image_size // 8, patch_size=2, in_channels=16, num_layers=2,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
+                                pos_embed_max_size=image_size // 8, qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=image_size,
+                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".tiny-")
+    enc.save_pretrained(f"{tmp}/encoder")
+    proc.save_pretrained(f"{tmp}/encoder")
+    dit.save_pretrained(f"{tmp}/decoder/transformer")
+    vae.save_pretrained(f"{tmp}/decoder/vae")
+    sched.save_pretrained(f"{tmp}/decoder/scheduler")
+    _atomic_publish(tmp, out_dir)
+    return out_dir
+
+
+def tiny_paths(seed=0):
+    """The tiny preset's (encoder, decoder) directories, built once per seed under $UAE_HOME."""
+    d = os.path.join(UAE_HOME, f"tiny-v1-seed{seed}")
+    if not os.path.exists(os.path.join(d, "decoder", "scheduler")):
+        os.makedirs(UAE_HOME, exist_ok=True)
+        build_tiny(d, seed=seed)
+    return os.path.join(d, "encoder"), os.path.join(d, "decoder")
+
+
+def resolve_base(preset, encoder=None, decoder=None):
+    """Base model locations for a preset ('tiny' | 'real'); explicit paths/hub ids win."""
+    if preset == "tiny":
+        e, d = tiny_paths()
+    elif preset == "real":
+        e, d = REAL_ENCODER, REAL_DECODER
+    else:
+        raise ValueError(f"--preset must be 'tiny' or 'real', got {preset!r}")
+    return encoder or e, decoder or d
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked joint attention: SD3's processor attends to every text token; ours masks padded ones,
+# so a batch of captions of different lengths gives what each caption alone would.
+
+class MaskedJointAttnProcessor:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        B, N = hidden_states.shape[:2]
+        def heads(x):  # (B, T, h*d) -> (B, h, T, d)
+            return x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        mask = None
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
+                          heads(attn.add_v_proj(encoder_hidden_states)))
+            if attn.norm_added_q is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            if attention_mask is not None:  # (B, L) text mask -> (B, 1, 1, N + L) key mask
+                keep = torch.cat([attention_mask.new_ones(B, N), attention_mask], 1).bool()
+                mask = keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, -1, q.shape[1] * q.shape[-1])
+        out = out.to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, ctx = out[:, :N], out[:, N:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](out)), ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA through peft, injected in place (the modules keep their classes, generate() still works).
+
+def add_lora(module, r, alpha, targets):
+    from peft import LoraConfig, inject_adapter_in_model
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", lora_dropout=0.0)
+    inject_adapter_in_model(cfg, module, adapter_name="default")
+    for n, p in module.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return {"r": r, "alpha": alpha, "targets": targets}
+
+
+def lora_state(module):
+    return {n: p.detach() for n, p in module.named_parameters() if "lora_" in n}
+
+
+def has_lora(module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(module):
+    """The reference policy: the same module with its LoRA switched off (SPEC §4, §5)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def merge_lora(module):
+    """Fold the adapter into the base weights and remove it, so a next stage can add a fresh one."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for name, m in list(module.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, m.get_base_layer())
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Cond:
+    """Decoder condition: prompt embeddings c = g(H) (N, L, D), text mask (N, L), pooled (N, P)."""
+    emb: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def repeat_interleave(self, G):
+        return Cond(self.emb.repeat_interleave(G, 0), self.mask.repeat_interleave(G, 0), self.pooled.repeat_interleave(G, 0))
+
+    def expand(self, N):
+        return Cond(self.emb.expand(N, -1, -1), self.mask.expand(N, -1), self.pooled.expand(N, -1))
+
+
+def cat_conds(a, b):
+    """Stack two conditions along the batch, right-padding the shorter one (masked anyway)."""
+    L = max(a.emb.shape[1], b.emb.shape[1])
+    pe = lambda x: F.pad(x, (0, 0, 0, L - x.shape[1]))
+    pm = lambda m: F.pad(m, (0, L - m.shape[1]))
+    return Cond(torch.cat([pe(a.emb), pe(b.emb)]), torch.cat([pm(a.mask), pm(b.mask)]), torch.cat([a.pooled, b.pooled]))
+
+
+@dataclass
+class Rollout:
+    """G captions for each of B images, N = B*G rows, everything needed to recompute log-probs."""
+    prompt_ids: torch.Tensor       # (N, P) left-padded chat prompt with the image tokens
+    prompt_mask: torch.Tensor      # (N, P)
+    mm_token_type_ids: torch.Tensor  # (N, P) 1 on image tokens
+    pixel_values: torch.Tensor     # (sum of patches over N rows, D) flattened patches, repeated per image
+    image_grid_thw: torch.Tensor   # (N, 3)
+    completion_ids: torch.Tensor   # (N, T) sampled tokens, pad after the first EOS
+    completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first EOS
+    texts: list                    # N decoded captions
+    truncated: torch.Tensor        # (N,) bool, no EOS within max_new_tokens
+
+
+class UAE(nn.Module):
+    def __init__(self, encoder, processor, transformer, vae, scheduler, pooled=None, base=None):
+        super().__init__()
+        self.encoder, self.processor, self.tokenizer = encoder, processor, processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.base = base or {}
+        hidden, jd = encoder.config.text_config.hidden_size, transformer.config.joint_attention_dim
+        # SPEC §2 projector g: Linear(hidden, 2*jd) -> GELU -> Linear(2*jd, jd), jd = DiT joint_attention_dim
+        self.projector = nn.Sequential(nn.Linear(hidden, 2 * jd), nn.GELU(), nn.Linear(2 * jd, jd))
+        P = transformer.config.pooled_projection_dim
+        # SPEC §2: constant pooled projection (SD3's CLIP pooled embedding of ""; zeros when absent)
+        self.register_buffer("pooled", torch.zeros(P) if pooled is None else pooled.reshape(P))
+        self.transformer.set_attn_processor(MaskedJointAttnProcessor())
+        for m in (self.encoder, self.transformer, self.vae):
+            m.requires_grad_(False)
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = self.tokenizer.pad_token_id
+        # Random LVLMs sample special tokens (<|image_pad|> breaks a re-fed sequence): forbid every
+        # special token but EOS, and the padded vocab rows, in sampling and in log-prob recomputation.
+        V = encoder.get_output_embeddings().weight.shape[0]
+        banned = [i for i in self.tokenizer.all_special_ids if i != self.eos_id]
+        banned += [self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != "<|im_end|>"]
+        banned += list(range(len(self.tokenizer), V))
+        self.register_buffer("suppress", torch.zeros(V, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(set(banned))), True), persistent=False)
+        self.layers = []   # adapters of earlier stages merged into the weights: [(meta, tensors)], kept for saving
+
+    @property
+    def device(self):
+        return self.projector[0].weight.device
+
+    @property
+    def dtype(self):
+        return self.projector[0].weight.dtype
+
+    # ---------------- encoder: captions ----------------
+    def caption_inputs(self, images, instruction=INSTRUCTION):
+        """images (B, 3, H, W) in [0, 1] -> processor batch (left-padded) on device."""
+        msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]] * len(images)
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        pix = [(im.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu() for im in images]
+        return self.processor(text=text, images=pix, return_tensors="pt", padding=True).to(self.device)
+
+    @torch.no_grad()
+    def sample_captions(self, images, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
+                        instruction=INSTRUCTION, output_scores=False):
+        """B images -> B*G captions in ONE generate call (rows i*G..i*G+G-1 belong to image i)."""
+        from transformers import GenerationConfig
+        b = self.caption_inputs(images, instruction)
+        per_img = b["image_grid_thw"].prod(-1).tolist()
+        pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
+        rep = lambda t: t.repeat_interleave(G, 0)
+        # explicit GenerationConfig: never the checkpoint's (Qwen2.5-VL ships top_k=1 -> identical samples)
+        gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                              eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                              suppress_tokens=self.suppress.nonzero().flatten().tolist(),
+                              output_scores=output_scores, return_dict_in_generate=True)
+        ids, mask, mm = rep(b["input_ids"]), rep(b["attention_mask"]), rep(b["mm_token_type_ids"])
+        grid = rep(b["image_grid_thw"])
+        out = self.encoder.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=pix,
+                                    image_grid_thw=grid, generation_config=gc)
+        comp = out.sequences[:, ids.shape[1]:]
+        is_eos = comp == self.eos_id
+        # mask: 1 up to and including the first EOS, 0 after (SPEC §4)
+        cmask = (is_eos.cumsum(1) - is_eos.long()) == 0
+        comp = comp.masked_fill(~cmask, self.pad_id)
+        texts = self.tokenizer.batch_decode(comp.masked_fill(is_eos, self.pad_id), skip_special_tokens=True)
+        r = Rollout(ids, mask, mm, pix, grid, comp, cmask.float(), [t.strip() for t in texts], ~is_eos.any(1))
+        if output_scores:
+            return r, torch.stack(out.scores, 1)  # (N, T, V) processed scores of the sampling pass
+        return r
+
+    def completion_logprobs(self, r, temperature=1.0, with_entropy=False):
+        """Per-token log pi(y_t | x, y_<t), (N, T) fp32, exactly as sampled: suppressed ids masked,
+        logits / temperature, selective log-softmax (gather - logsumexp, one row at a time, never
+        the full (N, T, V) log-softmax)."""
+        T = r.completion_ids.shape[1]
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
+        mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
+        logits = self.encoder(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=r.pixel_values,
+                              image_grid_thw=r.image_grid_thw, logits_to_keep=T + 1).logits[:, :-1]  # (N, T, V)
+        lps, ents = [], []
+        for row, tgt in zip(logits, r.completion_ids):  # row (T, V)
+            row = row.float().masked_fill(self.suppress, float("-inf")) / max(temperature, 1e-6)
+            lse = row.logsumexp(-1)
+            lps.append(row.gather(-1, tgt[:, None]).squeeze(-1) - lse)
+            if with_entropy:
+                with torch.no_grad():
+                    p = (row - lse[:, None]).exp()
+                    ents.append(lse - (p * row.nan_to_num(neginf=0.0)).sum(-1))
+        lp = torch.stack(lps)
+        return (lp, torch.stack(ents)) if with_entropy else lp
+
+    # ---------------- condition: caption text only -> H -> g ----------------
+    def encode_text(self, captions, max_tokens=1024):
+        """Caption -> the LVLM re-reads it in a text-only template (role "generate") -> last hidden
+        states H (N, L, hidden) of every template token, right-padded, + mask (N, L). No image here:
+        the caption is the bottleneck (SPEC §2)."""
+        msgs = [[{"role": "generate", "content": [{"type": "text", "text": c}]}] for c in captions]
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        b = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                           max_length=max_tokens, add_special_tokens=False).to(self.device)
+        out = self.encoder.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 mm_token_type_ids=torch.zeros_like(b["input_ids"]))
+        return out.last_hidden_state, b["attention_mask"].bool()
+
+    def condition(self, captions, max_tokens=1024):
+        H, mask = self.encode_text(captions, max_tokens)
+        emb = self.projector(H.to(self.dtype))  # SPEC §2: c = g(H), (N, L, D)
+        emb = emb * mask[..., None]
+        return Cond(emb, mask, self.pooled.to(emb.dtype).expand(len(captions), -1))
+
+    # ---------------- decoder ----------------
+    def velocity(self, z, s, cond, neg=None, cfg=1.0, transformer=None):
+        """v = D(z_s, s, c), with classifier-free guidance v_neg + cfg (v_pos - v_neg) when neg is
+        given (pos and neg in one batched call). z (N, C, h, w), s scalar or (N,)."""
+        D = transformer or self.transformer
+        N = z.shape[0]
+        s = torch.as_tensor(s, device=z.device, dtype=torch.float32).reshape(-1).expand(N)
+        if neg is not None and cfg != 1.0:
+            c = cat_conds(cond, neg.expand(N) if neg.emb.shape[0] == 1 else neg)
+            z, s = torch.cat([z, z]), torch.cat([s, s])
+        else:
+            c = cond
+        v = D(hidden_states=z.to(self.dtype), encoder_hidden_states=c.emb, pooled_projections=c.pooled,
+              timestep=(s * 1000).to(self.dtype), joint_attention_kwargs={"attention_mask": c.mask},
+              return_dict=False)[0]
+        if c is not cond:
+            v_pos, v_neg = v.chunk(2)
+            v = v_neg + cfg * (v_pos - v_neg)
+        return v
+
+    def sigmas(self, steps):
+        """s_0 = 1 > ... > s_N = 0 from the checkpoint's FlowMatchEulerDiscreteScheduler (its shift)."""
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def sample_ode(self, noise, cond, neg=None, steps=40, cfg=5.0):
+        """Euler ODE from s = 1 to 0 in fp32: x <- x + (s_{i+1} - s_i) v."""
+        sig = self.sigmas(steps)
+        x = noise.float()
+        for i in range(steps):
+            v = self.velocity(x, sig[i], cond, neg, cfg).float()
+            x = x + v * (sig[i + 1] - sig[i])
+        return x
+
+    def latent_shape(self, H, W):
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.latent_channels, H // f, W // f)
+
+    def vae_encode(self, x):
+        """x (B, 3, H, W) in [0, 1] -> latents (B, C, H/8, W/8), VAE posterior mean, SD3 scale/shift."""
+        z = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist.mean
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def vae_decode(self, z):
+        x = self.vae.decode((z / self.vae.config.scaling_factor + self.vae.config.shift_factor).to(self.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate_images(self, captions, noise=None, steps=40, cfg=5.0, size=None, negative=NEGATIVE_PROMPT, seed=0):
+        cond = self.condition(captions)
+        neg = self.condition([negative]) if cfg != 1.0 else None
+        if noise is None:
+            size = size or self.transformer.config.sample_size * 8
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn((len(captions),) + self.latent_shape(size, size), generator=g).to(self.device)
+        return self.vae_decode(self.sample_ode(noise, cond, neg, steps, cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checkpoints. A checkpoint is a directory: weights.safetensors + uae.json. It holds
+# only what was trained: projector, pooled buffer, and the LoRA adapters of every stage so far
+# (earlier stages' are merged at load time, the last one stays live with --resume).
+
+def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.float32, device="cpu", resume=False):
+    """Base models (+ an optional checkpoint `init`). With resume=True the checkpoint's last
+    adapters stay live (not merged) so training continues exactly."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    meta, tensors = read_checkpoint(init) if init else (None, None)
+    if meta:
+        encoder, decoder = encoder or meta["base"]["encoder"], decoder or meta["base"]["decoder"]
+    else:
+        encoder, decoder = resolve_base(preset, encoder, decoder)
+    kw = dict(dtype=dtype, use_safetensors=True)
+    enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(encoder, **kw)
+    proc = Qwen2_5_VLProcessor.from_pretrained(encoder)
+    dkw = dict(torch_dtype=dtype, use_safetensors=True)
+    dit = SD3Transformer2DModel.from_pretrained(decoder, subfolder="transformer", **dkw)
+    vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", **dkw)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(decoder, subfolder="scheduler")
+    m = UAE(enc, proc, dit, vae, sched, base={"encoder": encoder, "decoder": decoder}).to(device=device, dtype=dtype)
+    m.eval()
+    if meta:
+        apply_checkpoint(m, meta, tensors, live_last=resume)
+    return m
+
+
+def arch_of(m):
+    return {"hidden": m.encoder.config.text_config.hidden_size, "vocab": m.suppress.numel(),
+            "joint_attention_dim": m.transformer.config.joint_attention_dim,
+            "pooled_dim": m.pooled.numel(), "dit_layers": m.transformer.config.num_layers}
+
+
+def read_checkpoint(path):
+    """-> (meta, tensors). Clear errors for a missing, truncated or foreign checkpoint."""
+    from safetensors.torch import load_file
+    if os.path.isdir(os.path.join(path, "ckpt")):
+        path = os.path.join(path, "ckpt")
+    mp, wp = os.path.join(path, "uae.json"), os.path.join(path, "weights.safetensors")
+    if not os.path.isfile(mp):
+        raise CheckpointError(f"{path} is not a UAE checkpoint: no uae.json (expected a directory written by a stage script)")
+    try:
+        meta = json.load(open(mp))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mp} is corrupt: {e}") from None
+    if meta.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{mp}: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
+    if not os.path.isfile(wp):
+        raise CheckpointError(f"{path}: weights.safetensors is missing")
+    try:
+        tensors = load_file(wp)
+    except Exception as e:
+        raise CheckpointError(f"{wp} cannot be read (truncated or not safetensors): {e}") from None
+    meta["path"] = os.path.abspath(path)
+    return meta, tensors
+
+
+def apply_checkpoint(m, meta, tensors, live_last=False):
+    arch = arch_of(m)
+    if meta["arch"] != arch:
+        diff = {k: (meta["arch"].get(k), arch[k]) for k in arch if meta["arch"].get(k) != arch[k]}
+        raise CheckpointError(f"{meta['path']} was trained for another architecture (checkpoint, model): {diff}")
+    m.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
+    m.pooled.copy_(tensors["pooled"])
+    if "transformer_full" in meta and meta["transformer_full"]:
+        m.transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")}, strict=False)
+    for i, layer in enumerate(meta["layers"]):
+        pre = f"layer{i}."
+        lt = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        for part in ("encoder", "transformer"):
+            if layer.get(part):
+                mod = getattr(m, part)
+                add_lora(mod, **layer[part])
+                sd = {k[len(part) + 1:]: v for k, v in lt.items() if k.startswith(part + ".")}
+                missing = set(lora_state(mod)) - set(sd)
+                if missing:
+                    raise CheckpointError(f"{meta['path']}: layer {i} lacks {len(missing)} {part} LoRA tensors, e.g. {sorted(missing)[0]}")
+                mod.load_state_dict(sd, strict=False)
+        if live_last and i == len(meta["layers"]) - 1:
+            return
+        m.layers.append((layer, lt))
+        for part in ("encoder", "transformer"):
+            if layer.get(part):
+                merge_lora(getattr(m, part))
+
+
+def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, tensors_extra=None):
+    """Atomically write a checkpoint directory: earlier layers + this stage's live adapters."""
+    from safetensors.torch import save_file
+    t = {f"projector.{k}": v for k, v in m.projector.state_dict().items()}
+    t["pooled"] = m.pooled
+    layers = []
+    for i, (layer, lt) in enumerate(m.layers):
+        layers.append(layer)
+        t.update({f"layer{i}.{k}": v for k, v in lt.items()})
+    cur = {p: (lora_cfg or {}).get(p) for p in ("encoder", "transformer")}
+    if any(cur.values()):
+        i = len(layers)
+        layers.append(cur)
+        for p in ("encoder", "transformer"):
+            if cur[p]:
+                t.update({f"layer{i}.{p}.{k}": v for k, v in lora_state(getattr(m, p)).items()})
+    if transformer_full:
+        t.update({f"transformer.{k}": v for k, v in m.transformer.state_dict().items()})
+    t.update(tensors_extra or {})
+    meta = {"format": CKPT_FORMAT, "base": m.base, "arch": arch_of(m), "layers": layers,
+            "transformer_full": transformer_full, **meta_extra}
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".ckpt-")
+    save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, os.path.join(tmp, "weights.safetensors"))
+    with open(os.path.join(tmp, "uae.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    _atomic_publish(tmp, path)
+
+
+def _atomic_publish(tmp, path):
+    """Replace directory `path` by `tmp` so that a reader never sees a half-written one."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".old-")
+        os.rmdir(old)
+        try:
+            os.replace(path, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process published it first (e.g. two ranks building the tiny preset)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_tensors(opt):
+    """AdamW state as flat tensors (safetensors has no pickles) + the JSON-able rest."""
+    sd = opt.state_dict()
+    t = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return t, sd["param_groups"]
+
+
+def load_optimizer(opt, tensors, groups):
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and data: a folder of images or a JSONL of {"image": path, "caption": text}.
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    pass
+
+
+def load_image(path, size):
+    """Any readable image -> (3, size, size) float in [0, 1]: RGBA/LA/P composited on white,
+    16-bit and float modes rescaled, center-cropped to a square, resized (bicubic)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        im = Image.open(path)
+        im.draft("RGB", (size * 2, size * 2))  # JPEG: decode huge files at reduced size
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(im, dtype=np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+            im = Image.fromarray((a * 255).astype(np.uint8)).convert("RGB")
+        elif im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.split()[-1])
+        else:
+            im = im.convert("RGB")
+    except Exception as e:  # truncated, not an image, decompression bomb, ...
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    c = min(w, h)
+    im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+class ImageDataset:
+    """Items are (name, caption or None). Unreadable images are reported by file name and
+    dropped from the draw (never a crash); `bad` keeps them for the run's log."""
+
+    def __init__(self, path, size, need_captions=False):
+        self.size, self.bad = size, {}
+        if os.path.isdir(path):
+            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+            self.items = [(f, None) for f in files]
+        elif os.path.isfile(path) and path.endswith(".jsonl"):
+            root, self.items = os.path.dirname(os.path.abspath(path)), []
+            for ln, line in enumerate(open(path), 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    img = d["image"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{ln}: expected a JSON object with an \"image\" key ({e})") from None
+                self.items.append((img if os.path.isabs(img) else os.path.join(root, img), d.get("caption")))
+        else:
+            raise FileNotFoundError(f"--data {path!r}: expected a folder of images or a .jsonl of {{image, caption}}")
+        if not self.items:
+            raise ValueError(f"--data {path!r}: no images found (extensions {', '.join(IMAGE_EXTS)})")
+        if need_captions:
+            miss = [p for p, c in self.items if not c]
+            if miss:
+                raise ValueError(f"--data {path!r}: {len(miss)} images have no caption (e.g. {miss[0]}); the 'fm' "
+                                 "objective needs a .jsonl with {\"image\": ..., \"caption\": ...} lines")
+
+    def __len__(self):
+        return len(self.items)
+
+    def batch(self, idx):
+        """Load items idx -> (images (B, 3, S, S), captions, names); a bad file is replaced by the
+        next good one in order and recorded in self.bad."""
+        ims, caps, names = [], [], []
+        for i in idx:
+            for j in range(len(self.items)):
+                path, cap = self.items[(i + j) % len(self.items)]
+                if path in self.bad:
+                    continue
+                try:
+                    ims.append(load_image(path, self.size))
+                except ImageError as e:
+                    self.bad[path] = str(e)
+                    print(f"warning: {e} (skipped; {len(self.bad)} bad files so far)")
+                    continue
+                caps.append(cap)
+                names.append(path)
+                break
+            else:
+                raise ValueError("every image in the dataset is unreadable: " + "; ".join(list(self.bad.values())[:3]))
+        return torch.stack(ims), caps, names
+
+
+def batch_indices(n, batch, step, seed, rank=0, world=1):
+    """The global batch for `step` (a seeded permutation per epoch), this rank's slice of it."""
+    g = batch * world
+    out = []
+    for k in range(step * g, step * g + g):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[pos]))
+    return out[rank * batch:(rank + 1) * batch]
