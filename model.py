@@ -437,7 +437,9 @@ def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.f
     """Base models (+ an optional checkpoint `init`). With resume=True the checkpoint's last
     adapters stay live (not merged) so training continues exactly."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.utils import logging as hf_logging
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    hf_logging.disable_progress_bar()
     meta, tensors = read_checkpoint(init) if init else (None, None)
     if meta:
         encoder, decoder = encoder or meta["base"]["encoder"], decoder or meta["base"]["decoder"]
@@ -508,7 +510,7 @@ def apply_checkpoint(m, meta, tensors, live_last=False):
                 if missing:
                     raise CheckpointError(f"{meta['path']}: layer {i} lacks {len(missing)} {part} LoRA tensors, e.g. {sorted(missing)[0]}")
                 mod.load_state_dict(sd, strict=False)
-        if live_last and i == len(meta["layers"]) - 1:
+        if live_last and meta.get("live_layer") and i == len(meta["layers"]) - 1:
             return
         m.layers.append((layer, lt))
         for part in ("encoder", "transformer"):
@@ -536,7 +538,7 @@ def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, 
         t.update({f"transformer.{k}": v for k, v in m.transformer.state_dict().items()})
     t.update(tensors_extra or {})
     meta = {"format": CKPT_FORMAT, "base": m.base, "arch": arch_of(m), "layers": layers,
-            "transformer_full": transformer_full, **meta_extra}
+            "transformer_full": transformer_full, "live_layer": any(cur.values()), **meta_extra}
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".ckpt-")
     save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, os.path.join(tmp, "weights.safetensors"))
     with open(os.path.join(tmp, "uae.json"), "w") as f:
@@ -680,3 +682,139 @@ def batch_indices(n, batch, step, seed, rank=0, world=1):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out.append(int(perm[pos]))
     return out[rank * batch:(rank + 1) * batch]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training plumbing shared by the stage scripts: distributed setup, gradient all-reduce,
+# metrics, logging, exact-resume state.
+
+def dist_setup(seed):
+    """torchrun -> (rank, world, device); plain python -> (0, 1, cuda:0 or cpu). Seeds offset by rank."""
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world, local = 0, 1, 0
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(seed + rank)
+    return rank, world, device
+
+
+def allreduce_grads(params, world):
+    """Data parallel over the trainable parameters: one flat all-reduce of their gradients (mean
+    over ranks). Generate/reference passes never touch a DDP wrapper this way, and LoRA grads are
+    small enough that one bucket costs nothing."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    params = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+def allreduce_metrics(d, world, ops=None):
+    """Mean over ranks of a dict of floats ('max'/'min' for the keys named in ops)."""
+    if world == 1:
+        return d
+    import torch.distributed as dist
+    ops = ops or {}
+    out = {}
+    for kind, op in (("mean", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN)):
+        keys = [k for k in d if ops.get(k, "mean") == kind]
+        if keys:
+            t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            out.update({k: v / (world if kind == "mean" else 1) for k, v in zip(keys, t.tolist())})
+    return {k: out[k] for k in d}
+
+
+def lr_at(step, lr, warmup, total, schedule="cosine"):
+    """Linear warmup, then cosine to 10% of lr (or constant)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class RunLog:
+    """One fixed-format line per step on rank 0, a JSONL file per run, optional wandb/tensorboard."""
+
+    def __init__(self, out_dir, master, args=None, wandb_project="", tensorboard=False, resume=False):
+        self.master, self.wb, self.tb = master, None, None
+        if not master:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.f = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
+        if wandb_project:
+            import wandb
+            self.wb = wandb.init(project=wandb_project, config=args, dir=out_dir)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def log(self, step, d, line=None):
+        if not self.master:
+            return
+        self.f.write(json.dumps({"step": step, **d}) + "\n")
+        self.f.flush()
+        if self.wb:
+            self.wb.log(d, step=step)
+        if self.tb:
+            for k, v in d.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if line:
+            from tqdm import tqdm
+            tqdm.write(line)
+
+
+def rng_tensors():
+    t = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        t["rng.cuda"] = torch.cuda.get_rng_state()
+    return t
+
+
+def set_rng(tensors):
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def save_train_state(out_dir, m, args, step, opt, lora_cfg, rank, world, stage, transformer_full=False, extra_meta=None):
+    """Checkpoint (rank 0: weights + optimizer) and each rank's RNG state, for an exact --resume."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    path = os.path.join(out_dir, "ckpt")
+    if rank == 0:
+        ot, groups = optimizer_tensors(opt)
+        save_checkpoint(path, m, {"stage": stage, "step": step, "args": args, "optim_groups": groups, "world": world,
+                                  **(extra_meta or {})}, lora_cfg, transformer_full, tensors_extra=ot)
+    if world > 1:
+        dist.barrier()
+    tmp = os.path.join(path, f".rng{rank}.tmp")
+    save_file(rng_tensors(), tmp)
+    os.replace(tmp, os.path.join(path, f"rng{rank}.safetensors"))
+    if world > 1:
+        dist.barrier()
+
+
+def load_train_state(out_dir, opt, rank, world):
+    """-> (step, meta) after restoring the optimizer and this rank's RNG from out_dir/ckpt."""
+    from safetensors.torch import load_file
+    meta, tensors = read_checkpoint(os.path.join(out_dir, "ckpt"))
+    if meta.get("world", world) != world:
+        raise CheckpointError(f"{meta['path']} was written with {meta['world']} ranks; resume with the same number (got {world})")
+    load_optimizer(opt, tensors, meta["optim_groups"])
+    rp = os.path.join(meta["path"], f"rng{rank}.safetensors")
+    if os.path.exists(rp):
+        set_rng(load_file(rp))
+    return meta["step"], meta
