@@ -254,6 +254,14 @@ class Rollout:
     texts: list                    # N decoded captions
     truncated: torch.Tensor        # (N,) bool, no EOS within max_new_tokens
 
+    def rows(self, i, j):
+        """Rows i..j-1 (a micro-batch); pixel patches are sliced by each row's grid size."""
+        per = self.image_grid_thw.prod(-1)
+        start, stop = int(per[:i].sum()), int(per[:j].sum())
+        return Rollout(self.prompt_ids[i:j], self.prompt_mask[i:j], self.mm_token_type_ids[i:j],
+                       self.pixel_values[start:stop], self.image_grid_thw[i:j], self.completion_ids[i:j],
+                       self.completion_mask[i:j], self.texts[i:j], self.truncated[i:j])
+
 
 class UAE(nn.Module):
     def __init__(self, encoder, processor, transformer, vae, scheduler, pooled=None, base=None):
@@ -671,6 +679,33 @@ class ImageDataset:
             else:
                 raise ValueError("every image in the dataset is unreadable: " + "; ".join(list(self.bad.values())[:3]))
         return torch.stack(ims), caps, names
+
+
+def save_grid(path, columns, labels=None, size=None):
+    """A PNG a person can open: one row per item, columns = list of image batches (B, 3, H, W) in
+    [0, 1] (e.g. source | reconstructions), a text label under each row."""
+    import textwrap
+    from PIL import Image, ImageDraw
+    B = columns[0].shape[0]
+    H = size or columns[0].shape[-1]
+    rows = []
+    for b in range(B):
+        ims = [F.interpolate(c[b:b + 1].float().cpu(), size=(H, H), mode="bilinear")[0] for c in columns]
+        row = Image.fromarray((torch.cat(ims, 2).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        if labels:
+            lines = textwrap.wrap(str(labels[b]), width=max(20, row.width // 6))[:6]
+            canvas = Image.new("RGB", (row.width, H + 12 * len(lines) + 4), "white")
+            canvas.paste(row, (0, 0))
+            ImageDraw.Draw(canvas).multiline_text((2, H + 2), "\n".join(lines), fill="black")
+            row = canvas
+        rows.append(row)
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out.save(path)
 
 
 def batch_indices(n, batch, step, seed, rank=0, world=1):
