@@ -215,6 +215,8 @@ def merge_lora(module):
             m.merge()
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, m.get_base_layer())
+    if hasattr(module, "peft_config"):
+        del module.peft_config
 
 
 # ----------------------------------------------------------------------------------------------
