@@ -101,6 +101,8 @@ def build_tiny(out_dir, seed=0, corpus=None, image_size=64, vocab_size=512):
         tie_word_embeddings=False)
     torch.manual_seed(seed)
     enc = Qwen2_5_VLForConditionalGeneration(cfg)
+    with torch.no_grad():  # realistic logit scale: at init std 0.02 sampling is near-uniform and
+        enc.lm_head.weight.normal_(0, 0.25)  # no adapter inside the 2 layers can move it
     dit = SD3Transformer2DModel(sample_size=image_size // 8, patch_size=2, in_channels=16, num_layers=2,
                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                 caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
@@ -122,7 +124,7 @@ def build_tiny(out_dir, seed=0, corpus=None, image_size=64, vocab_size=512):
 
 def tiny_paths(seed=0):
     """The tiny preset's (encoder, decoder) directories, built once per seed under $UAE_HOME."""
-    d = os.path.join(UAE_HOME, f"tiny-v1-seed{seed}")
+    d = os.path.join(UAE_HOME, f"tiny-v2-seed{seed}")
     if not os.path.exists(os.path.join(d, "decoder", "scheduler")):
         os.makedirs(UAE_HOME, exist_ok=True)
         build_tiny(d, seed=seed)
@@ -274,7 +276,9 @@ class UAE(nn.Module):
         self.base = base or {}
         hidden, jd = encoder.config.text_config.hidden_size, transformer.config.joint_attention_dim
         # SPEC §2 projector g: Linear(hidden, 2*jd) -> GELU -> Linear(2*jd, jd), jd = DiT joint_attention_dim
-        self.projector = nn.Sequential(nn.Linear(hidden, 2 * jd), nn.GELU(), nn.Linear(2 * jd, jd))
+        with torch.random.fork_rng(devices=[]):  # the same initial projector in every process/rank
+            torch.manual_seed(0)
+            self.projector = nn.Sequential(nn.Linear(hidden, 2 * jd), nn.GELU(), nn.Linear(2 * jd, jd))
         P = transformer.config.pooled_projection_dim
         # SPEC §2: constant pooled projection (SD3's CLIP pooled embedding of ""; zeros when absent)
         self.register_buffer("pooled", torch.zeros(P) if pooled is None else pooled.reshape(P))
@@ -357,7 +361,8 @@ class UAE(nn.Module):
                 with torch.no_grad():
                     p = (row - lse[:, None]).exp()
                     ents.append(lse - (p * row.nan_to_num(neginf=0.0)).sum(-1))
-        lp = torch.stack(lps)
+        # positions after the first EOS hold pad (a suppressed id, log-prob -inf): zero them
+        lp = torch.where(r.completion_mask.bool(), torch.stack(lps), 0.0)
         return (lp, torch.stack(ents)) if with_entropy else lp
 
     # ---------------- condition: caption text only -> H -> g ----------------

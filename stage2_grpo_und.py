@@ -1,0 +1,351 @@
+"""
+Stage 2 — Generation for Understanding: GRPO on the encoder (SPEC §4).
+
+The LVLM pi_phi (a fresh LoRA on its language model) captions each image G times; the frozen
+pre-stage environment (same LVLM with the adapter off -> projector g -> DiT -> VAE) redraws the
+image from each caption alone; the reward is cos(f_I(x), f_I(x~)); GRPO raises the likelihood of
+captions that redraw better than their group.
+
+Launch:
+  python stage2_grpo_und.py --preset tiny --data data/shapes/train --steps 20 --G 4 \
+      --max_new_tokens 32 --sample_steps 6 --reward pixel                      # tiny, CPU
+  torchrun --nproc_per_node=2 stage2_grpo_und.py --preset tiny --data ... # same, 2 ranks
+  torchrun --nproc_per_node=8 stage2_grpo_und.py --init out/stage1 --data images/ \
+      --reward clip --reward_path local-dir:/ckpt/clip-vit-l-14 --dtype bf16 \
+      --grad_ckpt --resolution 512 --out_dir out/stage2                      # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB
+
+Where this departs from the paper (which gives no RL hyper-parameters) and from TRL's GRPO:
+1. Defaults are TRL/DeepSeek's (G 8, temperature 1, eps 0.2, beta 0.04, mu 1); the paper gives none.
+2. Loss aggregation defaults to token-level ("dapo"): per-sequence means ("grpo") are biased
+   against long captions, the very thing the aha moment is about. "dr_grpo" divides by G*max_len.
+3. The condition is the text-only re-encoding of the caption with the *pre-stage* encoder
+   (adapter off), as in the released inference: the reward measures what the caption says, and
+   the environment does not move while the policy learns.
+4. Reconstruction is a deterministic Euler ODE from one noise per group (shared by the G
+   captions), so reward differences come from the captions, not from the noise.
+5. Advantages use a std floor (CLIP rewards are continuous and groups can be nearly flat).
+6. Data parallel by one flat all-reduce of the LoRA gradients (model.allreduce_grads), not a DDP
+   wrapper; the token count that normalises "dapo" is all-reduced, so 2 ranks == 1 rank.
+7. --seed_per_group samples each group under its own seed (one generate call per image) so runs
+   are reproducible across rank counts; off by default (all B*G captions in one call).
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import model as M
+
+
+@dataclass
+class Args:
+    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
+    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
+    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
+    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1 out_dir)"})
+    data: str = field(default="", metadata={"help": "folder of images or .jsonl of {image, caption}"})
+    out_dir: str = field(default="out/stage2", metadata={"help": "checkpoints, log.jsonl, samples/"})
+    reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | dinov2 | ..."})
+    reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's real default, 'tiny')"})
+    resolution: int = field(default=512, metadata={"help": "image side for the source and the reconstruction"})
+    # GRPO (SPEC §4)
+    G: int = field(default=8, metadata={"help": "captions per image (group size)"})
+    batch_size: int = field(default=1, metadata={"help": "images per rank per step (rollout batch = batch_size*G)"})
+    micro_batch: int = field(default=8, metadata={"help": "captions per policy forward/backward"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip range below 1"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip range above 1 (DAPO uses 0.28)"})
+    beta: float = field(default=0.04, metadata={"help": "k3 KL weight against the adapter-off reference"})
+    mu: int = field(default=1, metadata={"help": "num_iterations: policy updates per rollout batch"})
+    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none: divide advantages by this std"})
+    std_floor: float = field(default=1e-2, metadata={"help": "advantage denominator is max(std, std_floor) + 1e-4"})
+    loss_agg: str = field(default="dapo", metadata={"help": "dapo (token mean) | grpo (sequence mean) | dr_grpo"})
+    seed_per_group: bool = field(default=False, metadata={"help": "seed each group's sampling (reproducible across rank counts)"})
+    # environment (frozen decoder)
+    sample_steps: int = field(default=20, metadata={"help": "Euler steps of the reconstruction"})
+    cfg: float = field(default=5.0, metadata={"help": "classifier-free guidance of the reconstruction"})
+    # optimisation
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (released UAE: 32)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (released UAE: 64)"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="constant", metadata={"help": "constant | cosine"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps (rollout batches)"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for sampling and training"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the policy forward"})
+    seed: int = field(default=0, metadata={"help": "global seed (ranks offset it)"})
+    # logging / checkpoints
+    log_every: int = field(default=1, metadata={"help": "log line every N steps"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    sample_every: int = field(default=50, metadata={"help": "write samples/step*.png + .jsonl every N steps (0 = never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly"})
+    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
+    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure pieces of GRPO (tests import these).
+
+def group_advantages(r, G, scale="group", std_floor=1e-2, eps=1e-4):
+    """SPEC §4: A_i = (r_i - mean_G r) / (max(std_G r, floor) + eps). r (N,) with rows grouped
+    G at a time -> (N,). scale: group | batch (std over the whole batch) | none (no division)."""
+    rg = r.view(-1, G)                                  # (B, G)
+    centred = rg - rg.mean(1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    std = rg.std(1, keepdim=True) if scale == "group" else r.std().expand(rg.shape[0], 1)
+    if G == 1 or (scale == "batch" and r.numel() == 1):
+        std = torch.zeros_like(std)
+    denom = std.clamp_min(std_floor) + eps
+    return torch.where(denom > 0, centred / denom, torch.zeros_like(centred)).flatten()  # flat group -> 0
+
+
+def k3_kl(logp, ref_logp):
+    """SPEC §4: KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (k3 estimator), per token."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_token_loss(logp, logp_old, adv, eps_low=0.2, eps_high=0.2, ref_logp=None, beta=0.0):
+    """SPEC §4 per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta KL_t.
+    logp, logp_old, ref_logp (N, T); adv (N,). Returns (loss (N, T), ratio (N, T), kl or None)."""
+    ratio = torch.exp(logp - logp_old)                  # rho_t = pi / pi_old
+    A = adv[:, None]
+    loss = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    kl = None
+    if ref_logp is not None and beta > 0:
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+    return loss, ratio, kl
+
+
+def aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len):
+    """This micro-batch's share of the batch loss. mode: dapo = sum / tokens of the batch,
+    grpo = mean over sequences of the per-sequence token mean, dr_grpo = sum / (N * max_len)."""
+    if mode == "dapo":
+        return (loss_tok * mask).sum() / n_tokens
+    if mode == "grpo":
+        return ((loss_tok * mask).sum(1) / mask.sum(1).clamp_min(1)).sum() / n_seqs
+    if mode == "dr_grpo":
+        return (loss_tok * mask).sum() / (n_seqs * max_len)
+    raise ValueError(f"--loss_agg must be dapo | grpo | dr_grpo, got {mode!r}")
+
+
+def group_noise(shape, seed, step, group_ids, device):
+    """One initial noise per group, drawn from (seed, step, global group id): the G captions of a
+    group share it, and it does not depend on how groups are split over ranks."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + step) * 1_000_003 + int(g))) for g in group_ids]).to(device)
+
+
+@torch.no_grad()
+def reconstruct(m, texts, noise, neg, args):
+    """The environment: c = g(H(y)) with the pre-stage encoder (adapter off), Euler ODE from the
+    given noise, VAE decode. texts: N captions, noise (N, C, h, w) -> images (N, 3, H, W)."""
+    with M.adapters_disabled(m.encoder):
+        cond = m.condition(texts)                                             # (N, L, D)
+    return m.vae_decode(m.sample_ode(noise, cond, neg, args.sample_steps, args.cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(args):
+    import reward as R
+    rank, world, device = M.dist_setup(args.seed)
+    master = rank == 0
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    ds = M.ImageDataset(args.data, args.resolution)
+    # model: pre-stage weights merged; this stage's LoRA live
+    if args.resume:
+        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["encoder"]
+    else:
+        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                       decoder=args.decoder or None, dtype=dtype, device=device)
+        torch.manual_seed(args.seed)  # the same fresh adapter on every rank
+        lora_cfg = M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS)
+        m.to(device=device, dtype=dtype)
+        torch.manual_seed(args.seed + rank)
+    if args.grad_ckpt:
+        m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in m.encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    step = 0
+    if args.resume:
+        step, _ = M.load_train_state(args.out_dir, opt, rank, world)
+    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
+    with torch.no_grad():
+        neg = m.condition([M.NEGATIVE_PROMPT])  # frozen: merged pre-stage weights, adapter off below
+    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    if master:
+        n_train = sum(p.numel() for p in params)
+        print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
+              f"{n_train / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
+    G, skipped = args.G, 0
+    pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage2")
+    while step < args.steps:
+        t0 = time.time()
+        idx = M.batch_indices(len(ds), args.batch_size, step, args.seed, rank, world)
+        gids = [step * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
+        x, _, names = ds.batch(idx)
+        x = x.to(device)                                                     # (B, 3, H, W)
+        # 1) rollout: B images x G captions from pi_old = the current policy (KV-cached generate)
+        m.eval()
+        gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        if args.seed_per_group:
+            parts = []
+            for b, gid in enumerate(gids):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(args.seed * 7919 + gid)
+                    parts.append(m.sample_captions(x[b:b + 1], **gen))
+            roll = cat_rollouts(parts, m.pad_id)
+        else:
+            roll = m.sample_captions(x, **gen)                                # N = B*G rows
+        t1 = time.time()
+        # 2) environment: c = g(H(y)) with the pre-stage encoder, ODE reconstruction, shared noise per group
+        noise = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, step, gids, device)
+        recon = reconstruct(m, roll.texts, noise.repeat_interleave(G, 0), neg, args)   # (N, 3, H, W)
+        t2 = time.time()
+        # 3) reward R(x, x~) = cos(f(x), f(x~)), no grad
+        with torch.no_grad():
+            r = backbone.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()  # (N,)
+        t3 = time.time()
+        # 4) group advantages (groups live on this rank: no communication)
+        adv = group_advantages(r, G, args.scale_rewards, args.std_floor)      # (N,)
+        mask = roll.completion_mask                                           # (N, T)
+        N, T = mask.shape
+        n_tok = M.allreduce_metrics({"n": mask.sum().item()}, world)["n"]      # mean tokens per rank
+        # 5) old / reference log-probs (no grad; old only when mu > 1, else logp.detach())
+        mbs = [(i, min(i + args.micro_batch, N)) for i in range(0, N, args.micro_batch)]
+        old, ref = [None] * len(mbs), [None] * len(mbs)
+        with torch.no_grad():
+            for k, (i, j) in enumerate(mbs):
+                if args.mu > 1:
+                    old[k] = m.completion_logprobs(roll.rows(i, j), args.temperature)
+                if args.beta > 0:
+                    with M.adapters_disabled(m.encoder):
+                        ref[k] = m.completion_logprobs(roll.rows(i, j), args.temperature)
+        t4 = time.time()
+        # 6) policy update(s)
+        bad = not torch.isfinite(r).all().item()
+        stats = {"kl": 0.0, "clipfrac": 0.0, "entropy": 0.0, "loss": 0.0, "ratio_max": 0.0, "ratio_min": 1e9}
+        m.train()
+        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+        for g_ in opt.param_groups:
+            g_["lr"] = lr
+        gnorm = 0.0
+        for it in range(args.mu):
+            opt.zero_grad(set_to_none=True)
+            for k, (i, j) in enumerate(mbs):
+                if bad:
+                    break
+                sub = roll.rows(i, j)
+                logp, ent = m.completion_logprobs(sub, args.temperature, with_entropy=True)   # (n, T)
+                logp_old = old[k] if old[k] is not None else logp.detach()
+                loss_tok, ratio, kl = grpo_token_loss(logp, logp_old, adv[i:j], args.eps_low, args.eps_high, ref[k], args.beta)
+                mk = sub.completion_mask
+                loss = aggregate(loss_tok, mk, args.loss_agg, N, n_tok, args.max_new_tokens)
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                loss.backward()
+                if it == 0:  # metrics of the first (on-policy) pass, token-weighted
+
+                    stats["loss"] += loss.item()
+                    stats["entropy"] += ((ent * mk).sum() / n_tok).item()
+                    clipped = ((ratio < 1 - args.eps_low) | (ratio > 1 + args.eps_high)).float()
+                    stats["clipfrac"] += ((clipped * mk).sum() / n_tok).item()
+                    if kl is not None:
+                        stats["kl"] += ((kl.detach() * mk).sum() / n_tok).item()
+                    rm = ratio.detach()[mk.bool()]
+                    stats["ratio_max"] = max(stats["ratio_max"], rm.max().item() if rm.numel() else 1.0)
+                    stats["ratio_min"] = min(stats["ratio_min"], rm.min().item() if rm.numel() else 1.0)
+            # every rank must agree on skipping, or the all-reduce below would hang / mix
+            bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
+            if bad:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                break
+            M.allreduce_grads(params, world)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            if not math.isfinite(gnorm):
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                break
+            opt.step()
+        t5 = time.time()
+        step += 1
+        # 7) logs: the aha-moment signals (caption length, reward) and where the time goes
+        lens = mask.sum(1)
+        words = torch.tensor([float(len(t.split())) for t in roll.texts])
+        rg = r.view(-1, G)
+        met = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if N > 1 else 0.0,
+               "reward/flat_group_frac": (rg.std(1) < args.std_floor).float().mean().item() if G > 1 else 1.0,
+               "caption/tokens_mean": lens.float().mean().item(), "caption/tokens_max": lens.max().item(),
+               "caption/words_mean": words.mean().item(), "caption/words_max": words.max().item(),
+               "caption/truncated_frac": roll.truncated.float().mean().item(),
+               "loss/policy": stats["loss"], "loss/kl": stats["kl"], "loss/clipfrac": stats["clipfrac"],
+               "loss/entropy": stats["entropy"], "ratio/max": stats["ratio_max"], "ratio/min": min(stats["ratio_min"], 1e9),
+               "grad_norm": gnorm, "lr": lr, "skipped": float(skipped),
+               "time/generate": t1 - t0, "time/reconstruct": t2 - t1, "time/reward": t3 - t2,
+               "time/reference": t4 - t3, "time/train": t5 - t4, "time/step": t5 - t0}
+        ops = {"caption/tokens_max": "max", "caption/words_max": "max", "ratio/max": "max", "ratio/min": "min",
+               "skipped": "max", "time/step": "max"}
+        met = M.allreduce_metrics(met, world, ops)
+        if ds.bad:
+            met["data/bad_files"] = len(ds.bad)
+        line = (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | len {met['caption/tokens_mean']:6.1f} tok "
+                f"{met['caption/words_mean']:5.1f} w | kl {met['loss/kl']:.4f} | clip {met['loss/clipfrac']:.3f} | "
+                f"ent {met['loss/entropy']:.3f} | gnorm {gnorm:.3f} | {met['time/step']:.2f}s") if step % args.log_every == 0 else None
+        log.log(step, met, line)
+        pbar.update(1)
+        if master and args.sample_every and step % args.sample_every == 0:
+            write_samples(args.out_dir, step, x, recon, roll.texts, r, G, names)
+        if step % args.save_every == 0 or step == args.steps:
+            M.save_train_state(args.out_dir, m, asdict(args), step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
+    pbar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return m
+
+
+def cat_rollouts(parts, pad_id):
+    """Concatenate per-group rollouts (right-padding completions to a common length)."""
+    T = max(p.completion_ids.shape[1] for p in parts)
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    padr = lambda t, n, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
+    padl = lambda t, n, v: torch.nn.functional.pad(t, (n - t.shape[1], 0), value=v)
+    return M.Rollout(torch.cat([padl(p.prompt_ids, P, pad_id) for p in parts]),
+                     torch.cat([padl(p.prompt_mask, P, 0) for p in parts]),
+                     torch.cat([padl(p.mm_token_type_ids, P, 0) for p in parts]),
+                     torch.cat([p.pixel_values for p in parts]), torch.cat([p.image_grid_thw for p in parts]),
+                     torch.cat([padr(p.completion_ids, T, pad_id) for p in parts]),
+                     torch.cat([padr(p.completion_mask, T, 0) for p in parts]),
+                     sum((p.texts for p in parts), []), torch.cat([p.truncated for p in parts]))
+
+
+def write_samples(out_dir, step, x, recon, texts, r, G, names):
+    """samples/step{N}.png: per image, source | its G reconstructions; the best caption below.
+    samples/step{N}.jsonl: every caption with its reward."""
+    import json
+    B = x.shape[0]
+    cols = [x.cpu()] + [recon.view(B, G, *recon.shape[1:])[:, g].cpu() for g in range(G)]
+    best = r.view(B, G).argmax(1)
+    labels = [f"best r={r.view(B, G)[b, best[b]]:.3f}: {texts[b * G + int(best[b])]}" for b in range(B)]
+    M.save_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"), cols, labels)
+    with open(os.path.join(out_dir, "samples", f"step{step:06d}.jsonl"), "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"image": names[i // G], "caption": t, "reward": r[i].item()}) + "\n")
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
