@@ -1,0 +1,415 @@
+"""
+Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (SPEC §3).
+
+`fm`  : the decoder learns to read the LVLM. Image/caption pairs; c = g(H(caption)) from the
+        text-only re-encoding; z0 = VAE(x); s ~ logit-normal; z_s = (1 - s) z0 + s eps;
+        loss = mse(D(z_s, s, c), eps - z0). Trains g + D (LoRA, or the full DiT).
+`sem` : the cold start closes the loop image -> E -> caption -> g -> D -> x~ with
+        L_sem = 1 - cos(f(x), f(x~)). Captions are sampled from E (no gradient); the condition
+        is their re-encoding WITH gradient (E's LoRA, g); x~ = VAE.decode(z_s - s v) (one-step
+        estimate; gradient through the frozen VAE decoder into D's LoRA).
+`fm+sem`: w_fm * L_fm + w_sem * L_sem on the same images.
+Flow convention (SPEC §2): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = eps - x0, x0_hat = x_s - s v.
+
+Launch:
+  python stage1_coldstart.py --preset tiny --data data/toy/train.jsonl --objective fm --steps 50   # tiny, CPU
+  python stage1_coldstart.py --preset tiny --data data/toy/train.jsonl --objective sem --reward pixel \
+      --max_new_tokens 32 --steps 50 --out_dir out/stage1_tiny_sem                                  # tiny cold start
+  torchrun --nproc_per_node=2 stage1_coldstart.py --preset tiny --data data/toy/train.jsonl        # same, 2 ranks (gloo)
+  # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training, then the cold start from it
+  torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
+      --objective fm --image_size 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
+      --dtype bf16 --grad_ckpt --out_dir out/stage1_fm
+  torchrun --nproc_per_node=8 stage1_coldstart.py --init out/stage1_fm --data images/ --objective sem \
+      --reward clip --reward_path /ckpt/clip-vit-large-patch14 --image_size 512 --batch_size 2 \
+      --lr 2e-5 --steps 2000 --dtype bf16 --grad_ckpt --out_dir out/stage1
+
+Where this departs from the paper (which gives no stage-1 hyper-parameters) and its released code:
+1. The cold start's gradient uses a one-step estimate x0_hat = z_s - s v (one DiT call at a
+   logit-normal s) instead of a reconstruction by the full sampler (released: 10 steps, 512 px,
+   CFG 5). --sem_steps_k K > 0 runs a --sem_sample_steps Euler sampler from pure noise and
+   backpropagates through its last K steps (no CFG on that path).
+2. The DiT is trained with LoRA (Flow-GRPO's targets, r 32, alpha 64) by default; --dit_full
+   trains every DiT weight (what a 700K-pair pre-training more likely did; the paper does not say).
+3. The condition is always the text-only re-encoding of the caption (what inference and the
+   benchmark see). The released cold-start code's condition — hidden states of the caption tokens
+   from the captioning pass, which attends to the image — is --cond_source captioning_pass.
+4. VAE: posterior mean, frozen; x~ is clamped to [0, 1] (no gradient through saturated pixels).
+5. Timesteps s ~ logit-normal(0, 1) (SD3's recipe) for both objectives; uniform weighting.
+6. The encoder LoRA trains by default only when the objective includes `sem`
+   (--train_encoder_lora true|false overrides); in `fm` the encoder is frozen and g + D adapt to it.
+7. Captions for `sem` are sampled once per image (G = 1, temperature 0.7 as in the demo) from the
+   current encoder, adapter live; the sampling itself gets no gradient (that is stage 2's job).
+8. No EMA of the weights; AdamW with linear warmup + cosine to 10 %.
+9. Data parallel by one flat all-reduce of the trainable gradients (model.allreduce_grads), not a
+   DDP wrapper. Each sample's (s, eps) comes from a generator seeded by (seed, micro-step, global
+   sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
+   seeded per (micro-step, rank), so `sem` with temperature > 0 does (greedy captions do not).
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+
+
+@dataclass
+class Args:
+    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
+    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
+    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
+    init: str = field(default="", metadata={"help": "checkpoint to start from ('' = base models, random projector)"})
+    data: str = field(default="", metadata={"help": "folder of images (sem) or .jsonl of {image, caption} (fm needs captions)"})
+    out_dir: str = field(default="out/stage1", metadata={"help": "checkpoints (out_dir/ckpt), log.jsonl, samples/"})
+    image_size: int = field(default=0, metadata={"help": "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)"})
+    # objective (SPEC §3)
+    objective: str = field(default="fm", metadata={"help": "fm | sem | fm+sem", "choices": ["fm", "sem", "fm+sem"]})
+    w_fm: float = field(default=1.0, metadata={"help": "weight of the flow-matching loss"})
+    w_sem: float = field(default=1.0, metadata={"help": "weight of the semantic loss 1 - cos(f(x), f(x~))"})
+    s_mean: float = field(default=0.0, metadata={"help": "logit-normal timestep density: mean of logit(s)"})
+    s_std: float = field(default=1.0, metadata={"help": "logit-normal timestep density: std of logit(s)"})
+    reward: str = field(default="clip", metadata={"help": "semantic backbone f (reward.py): clip | pixel | ..."})
+    reward_path: str = field(default="", metadata={"help": "backbone weights ('' = its real default; 'tiny' = random tiny CLIP)"})
+    temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature for sem (0 = greedy)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap for sem and samples"})
+    sem_steps_k: int = field(default=0, metadata={"help": "0 = one-step estimate; K > 0 = backprop the last K sampler steps"})
+    sem_sample_steps: int = field(default=10, metadata={"help": "sampler steps when sem_steps_k > 0 (released cold start: 10)"})
+    cond_source: str = field(default="text", metadata={"help": "sem condition: text (re-encoding, as at inference) | captioning_pass (released code)",
+                                                         "choices": ["text", "captioning_pass"]})
+    # what trains
+    train_encoder_lora: Optional[bool] = field(default=None, metadata={"help": "train a LoRA on the LVLM (default: only when the objective has sem)"})
+    dit_full: bool = field(default=False, metadata={"help": "train every DiT weight instead of a DiT LoRA"})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (released UAE: 32)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (released UAE: 64)"})
+    # optimisation
+    batch_size: int = field(default=4, metadata={"help": "images per rank per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps (the length of the lr schedule)"})
+    stop_after: int = field(default=0, metadata={"help": "end this run (with a checkpoint) at this step; continue with --resume (0 = at --steps)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    wd: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=100, metadata={"help": "linear warmup steps"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (down to 0.1 lr) | constant", "choices": ["cosine", "constant"]})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for weights and compute", "choices": ["fp32", "bf16"]})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the LVLM, the DiT and the VAE decoder"})
+    seed: int = field(default=0, metadata={"help": "global seed"})
+    # samples / logging / checkpoints
+    cfg: float = field(default=5.0, metadata={"help": "CFG of the sample reconstructions"})
+    sample_steps: int = field(default=40, metadata={"help": "Euler steps of the sample reconstructions"})
+    sample_n: int = field(default=4, metadata={"help": "images in each sample grid (the first of the data)"})
+    sample_every: int = field(default=100, metadata={"help": "write samples/step*.png (source | reconstruction + caption); 0 = never"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
+    log_every: int = field(default=1, metadata={"help": "print a log line every N steps (the JSONL gets every step)"})
+    resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir/ckpt (fresh start if there is none)"})
+    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
+    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure pieces (tests import these).
+
+def logit_normal(n, mean=0.0, std=1.0, generator=None):
+    """s = sigmoid(mean + std * N(0, 1)), (n,) in (0, 1): SD3's timestep density."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def sample_noise(seed, k, keys, shape, mean=0.0, std=1.0):
+    """Per-sample (s, eps) for both objectives from a generator seeded by (seed, micro-step k,
+    global sample index): 2 ranks x B draw exactly what 1 rank x 2B draws.
+    -> s (2, B), eps (2, B, *shape); index 0 is for fm, 1 for sem."""
+    s, eps = [], []
+    for gi in keys:
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + k) * 1_000_003 + gi) % 2 ** 63)
+        s.append(logit_normal(2, mean, std, g))
+        eps.append(torch.randn((2,) + tuple(shape), generator=g))
+    return torch.stack(s, 1), torch.stack(eps, 1)
+
+
+def _bcast(s, z):
+    return s.to(z.device, z.dtype).view(-1, *[1] * (z.dim() - 1))
+
+
+def flow_matching_loss(D, z0, s, eps):
+    """SPEC §3 decoder pre-training. D(z_s, s) -> v; z_s = (1 - s) z0 + s eps; target v = eps - z0.
+    z0, eps (B, C, h, w), s (B,). -> per-sample mse (B,), fp32."""
+    z_s = (1 - _bcast(s, z0)) * z0 + _bcast(s, z0) * eps
+    v = D(z_s, s)
+    return ((v.float() - (eps - z0).float()) ** 2).flatten(1).mean(1)
+
+
+def one_step_x0(D, z0, s, eps):
+    """SPEC §3 default gradient path: x0_hat = z_s - s D(z_s, s), one DiT call."""
+    z_s = (1 - _bcast(s, z0)) * z0 + _bcast(s, z0) * eps
+    return z_s - _bcast(s, z0) * D(z_s, s).float()
+
+
+def last_k_x0(D, eps, sigmas, k):
+    """Euler ODE from pure noise over `sigmas` (1 -> 0); gradient only through the last k steps."""
+    z, n = eps, len(sigmas) - 1
+    for i in range(n):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n - k):
+            z = z + D(z, sigmas[i].expand(z.shape[0])).float() * (sigmas[i + 1] - sigmas[i])
+    return z
+
+
+def semantic_loss(f, x, x_tilde):
+    """SPEC §3: L_sem = 1 - cos(f(x), f(x~)) per sample (B,); f(x) of the source is a constant."""
+    with torch.no_grad():
+        a = f(x.float())
+    return 1 - F.cosine_similarity(a.float(), f(x_tilde.float()).float(), dim=-1)
+
+
+def loss_bins(loss, s, n_bins=10):
+    """minRF-style diagnostic: per-sample losses summed by noise-level bin of s (deciles of
+    [0, 1]). -> (sums (n_bins,), counts (n_bins,)); sums over ranks/micro-steps, then divide."""
+    b = (s.detach().float().cpu().clamp(0, 1 - 1e-6) * n_bins).long()
+    sums = torch.zeros(n_bins).index_add_(0, b, loss.detach().float().cpu())
+    return sums, torch.bincount(b, minlength=n_bins).float()
+
+
+def captioning_pass_cond(m, roll):
+    """The released cold-start code's condition: g(hidden states of the caption tokens in the
+    captioning pass itself — they attend to the image). With gradient."""
+    P = roll.prompt_ids.shape[1]
+    ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+    attn = torch.cat([roll.prompt_mask, torch.ones_like(roll.completion_ids)], 1)
+    mm = torch.cat([roll.mm_token_type_ids, torch.zeros_like(roll.completion_ids)], 1)
+    H = m.encoder.model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=roll.pixel_values,
+                        image_grid_thw=roll.image_grid_thw).last_hidden_state[:, P:]   # (N, T, hidden)
+    mask = roll.completion_mask.bool()
+    emb = m.projector(H.to(m.dtype)) * mask[..., None]
+    return M.Cond(emb, mask, m.pooled.to(emb.dtype).expand(len(emb), -1))
+
+
+def micro_losses(m, args, backbone, x, captions, k, keys, rank=0):
+    """One micro-batch forward. x (B, 3, H, W) in [0, 1]; captions (fm) or None; k = global
+    micro-step; keys = global sample indices. -> (weighted loss, stats of floats to sum)."""
+    dev = x.device
+    with torch.no_grad():
+        z0 = m.vae_encode(x).float()                                          # (B, C, h, w) posterior mean
+    s, eps = sample_noise(args.seed, k, keys, z0.shape[1:], args.s_mean, args.s_std)
+    s, eps = s.to(dev), eps.to(dev)
+    total, st, n_bins = 0.0, {}, 10
+    ckpt = args.grad_ckpt                                                     # see setup()
+    if "fm" in args.objective.split("+"):
+        m.encoder.train(ckpt)                                                 # HF checkpoints only in train mode
+        cond = m.condition(captions)                                          # c = g(H(y)), (B, L, D)
+        l_fm = flow_matching_loss(lambda z, t: m.velocity(z, t, cond), z0, s[0], eps[0])   # (B,)
+        total = total + args.w_fm * l_fm.mean()
+        sums, cnt = loss_bins(l_fm, s[0], n_bins)
+        st.update({"fm": l_fm.detach().mean().item(), **{f"fm_sum{i}": sums[i].item() for i in range(n_bins)},
+                   **{f"fm_cnt{i}": cnt[i].item() for i in range(n_bins)}})
+    if "sem" in args.objective.split("+"):
+        m.encoder.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(((args.seed * 1_000_003 + k) * 1_000_003 + 7919 * rank) % 2 ** 63)
+            roll = m.sample_captions(x, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        m.encoder.train(ckpt)
+        cond = m.condition(roll.texts) if args.cond_source == "text" else captioning_pass_cond(m, roll)
+        D = lambda z, t: m.velocity(z, t, cond)
+        if args.sem_steps_k > 0:
+            z0_hat = last_k_x0(D, eps[1], m.sigmas(args.sem_sample_steps).to(dev), args.sem_steps_k)
+        else:
+            z0_hat = one_step_x0(D, z0, s[1], eps[1])                         # x0_hat = z_s - s v
+        x_tilde = m.vae_decode(z0_hat)                                        # (B, 3, H, W), grad through the decoder
+        l_sem = semantic_loss(backbone, x, x_tilde)                           # (B,)
+        total = total + args.w_sem * l_sem.mean()
+        st["sem"] = l_sem.detach().mean().item()
+        if args.sem_steps_k == 0:
+            sums, cnt = loss_bins(l_sem, s[1], n_bins)
+            st.update({**{f"sem_sum{i}": sums[i].item() for i in range(n_bins)}, **{f"sem_cnt{i}": cnt[i].item() for i in range(n_bins)}})
+        st["caption_words"] = sum(len(t.split()) for t in roll.texts) / len(roll.texts)
+        st["caption_tokens"] = roll.completion_mask.sum(1).mean().item()
+    m.encoder.eval()
+    st["total"] = float(total.detach()) if torch.is_tensor(total) else float(total)
+    return total, st
+
+
+def update(params, opt, world, grad_clip, bad=False):
+    """After accumulation: every rank agrees on skipping (a non-finite loss anywhere), grads are
+    all-reduced, clipped and checked before the step. -> (grad_norm or None, skipped). A skipped
+    step leaves weights and optimizer state untouched."""
+    bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
+    gnorm = None
+    if not bad:
+        for p in params:                                  # same flat layout on every rank
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        M.allreduce_grads(params, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+        bad = not math.isfinite(gnorm)                    # identical on all ranks after the all-reduce
+    if not bad:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (gnorm if gnorm is not None and math.isfinite(gnorm) else None), bad
+
+
+def setup(args, device, resume=False):
+    """Model + this stage's trainable parameters (same init on every rank). -> (m, params, lora_cfg)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(args.seed)                          # same projector init and fresh adapters on every rank
+    if resume:                                            # this stage's adapters come back live
+        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        meta = json.load(open(os.path.join(args.out_dir, "ckpt", "uae.json")))
+        live = meta["layers"][-1] if meta["live_layer"] else {}
+        lora_cfg = {"encoder": live.get("encoder"), "transformer": live.get("transformer")}
+    else:
+        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                       decoder=args.decoder or None, dtype=dtype, device=device)
+        train_enc = args.train_encoder_lora if args.train_encoder_lora is not None else "sem" in args.objective
+        lora_cfg = {"encoder": M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS) if train_enc else None,
+                    "transformer": None if args.dit_full else M.add_lora(m.transformer, args.lora_r, args.lora_alpha, M.DIT_LORA_TARGETS)}
+    if args.dit_full and any(layer.get("transformer") for layer, _ in m.layers):
+        # model.save_checkpoint would store the merged DiT *and* the earlier DiT LoRA layers, and
+        # apply_checkpoint would merge those a second time on load.
+        raise ValueError(f"--dit_full on top of a checkpoint with DiT LoRA layers ({args.init or args.out_dir}) "
+                         "cannot be saved faithfully yet; train the DiT with LoRA, or start --dit_full from base weights")
+    m.to(device=device, dtype=dtype)                      # adapters in the model's dtype (one dtype)
+    m.projector.requires_grad_(True)                      # add_lora only flags lora_ params
+    if args.dit_full:
+        m.transformer.requires_grad_(True)
+    if args.grad_ckpt:
+        if hasattr(m.encoder, "activation_checkpointing_enable"):   # transformers >= 5.x name
+            m.encoder.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.transformer.enable_gradient_checkpointing()
+        m.vae.enable_gradient_checkpointing()
+    m.eval()
+    params = [p for part in (m.encoder, m.projector, m.transformer) for p in part.parameters() if p.requires_grad]
+    return m, params, lora_cfg
+
+
+@torch.no_grad()
+def write_samples(m, args, ds, step, size, device):
+    """samples/step{N}.png: source | reconstruction from the model's own caption (full ODE
+    sampler, CFG), the caption below; samples/step{N}.jsonl: the captions in full."""
+    n = min(args.sample_n, len(ds))
+    x, _, names = ds.batch(list(range(n)))
+    x = x.to(device)
+    m.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        texts = m.sample_captions(x, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
+    recon = m.generate_images(texts, steps=args.sample_steps, cfg=args.cfg, size=size, seed=args.seed)
+    d = os.path.join(args.out_dir, "samples")
+    labels = ["".join(ch if ch.isprintable() else "?" for ch in t) for t in texts]
+    M.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
+    with open(os.path.join(d, f"step{step:06d}.jsonl"), "w") as f:
+        for name, t in zip(names, texts):
+            f.write(json.dumps({"image": name, "caption": t}) + "\n")
+
+
+def _finite(d):
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(args):
+    rank, world, device = M.dist_setup(args.seed)
+    master = rank == 0
+    objs = args.objective.split("+")
+    size = args.image_size or (64 if args.preset == "tiny" else 512)
+    ds = M.ImageDataset(args.data, size, need_captions="fm" in objs)
+    resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "ckpt", "uae.json"))
+    m, params, lora_cfg = setup(args, device, resume)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
+    torch.manual_seed(args.seed + rank)                   # (every draw below is also seeded explicitly)
+    step = 0
+    if resume:
+        step, _ = M.load_train_state(args.out_dir, opt, rank, world)
+        if master:  # drop log lines past the checkpoint (a crash after it), so the JSONL reads as one run
+            lp = os.path.join(args.out_dir, "log.jsonl")
+            if os.path.exists(lp):
+                keep = [ln for ln in open(lp) if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                open(lp, "w").writelines(keep)
+    backbone = None
+    if "sem" in objs:
+        import reward as R
+        backbone = R.load_backbone(args.reward, args.reward_path or None, device=device).to(device)
+        backbone.requires_grad_(False)
+        backbone.eval()
+    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume)
+    if master:
+        print(f"stage 1 ({args.objective}): {len(ds)} images at {size}px, {world} rank(s), "
+              f"{args.batch_size}x{args.grad_accum} images/rank/step, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+              f"(encoder LoRA {'on' if lora_cfg['encoder'] else 'off'}, DiT {'full' if args.dit_full else 'LoRA'}), {args.dtype}")
+    skipped, bad_seen = 0, set()
+    pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage1")
+    end = min(args.steps, args.stop_after or args.steps)
+    while step < end:
+        t0 = time.time()
+        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.lr_schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sums, bad = {}, False
+        for micro in range(args.grad_accum):
+            k = step * args.grad_accum + micro                                # global micro-step
+            idx = M.batch_indices(len(ds), args.batch_size, k, args.seed, rank, world)
+            keys = [k * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
+            x, caps, _ = ds.batch(idx)
+            loss, st = micro_losses(m, args, backbone, x.to(device), caps, k, keys, rank)
+            for key, v in st.items():
+                sums[key] = sums.get(key, 0.0) + v
+            if not torch.isfinite(loss):
+                bad = True
+                break
+            (loss / args.grad_accum).backward()
+        gnorm, skip = update(params, opt, world, args.grad_clip, bad)
+        skipped += int(skip)
+        step += 1
+        # metrics: means over micro-steps and ranks; noise-level bins as sum / count
+        n_micro = micro + 1
+        red = M.allreduce_metrics({key: v / n_micro for key, v in sums.items()}, world)
+        met = {"loss/total": red["total"], "lr": lr, "grad_norm": gnorm, "skipped": skipped}
+        for o in ("fm", "sem"):
+            if o in red:
+                met[f"loss/{o}"] = red[o]
+            for i in range(10):
+                if red.get(f"{o}_cnt{i}", 0) > 0:
+                    met[f"loss/{o}_bin{i}"] = red[f"{o}_sum{i}"] / red[f"{o}_cnt{i}"]
+        if "caption_words" in red:
+            met["caption/words_mean"], met["caption/tokens_mean"] = red["caption_words"], red["caption_tokens"]
+        bad_all = dict(ds.bad)
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, ds.bad)
+            for b in gathered:
+                bad_all.update(b)
+        new_bad = sorted(set(bad_all) - bad_seen)
+        if new_bad:
+            bad_seen |= set(new_bad)
+            met["data/bad_files"] = new_bad
+            met["data/n_bad"] = len(bad_seen)
+        met["time/step"] = M.allreduce_metrics({"t": time.time() - t0}, world, {"t": "max"})["t"]
+        line = None
+        if step % args.log_every == 0:
+            parts = " ".join(f"{o} {met[f'loss/{o}']:.4f}" for o in ("fm", "sem") if f"loss/{o}" in met)
+            gn = f"{gnorm:.3f}" if gnorm is not None else "skip"
+            line = (f"step {step:6d} | loss {met['loss/total']:.4f} ({parts}) | gnorm {gn} | lr {lr:.2e} | "
+                    f"skipped {skipped} | {met['time/step']:.2f}s")
+        log.log(step, _finite(met), line)
+        pbar.update(1)
+        if master and args.sample_every and step % args.sample_every == 0:
+            write_samples(m, args, ds, step, size, device)
+        if step % args.save_every == 0 or step == end:
+            M.save_train_state(args.out_dir, m, asdict(args), step, opt, lora_cfg, rank, world, "stage1",
+                               transformer_full=args.dit_full)
+    pbar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return m
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
