@@ -12,10 +12,12 @@ Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (
 Flow convention (SPEC §2): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = eps - x0, x0_hat = x_s - s v.
 
 Launch:
-  python stage1_coldstart.py --preset tiny --data data/toy/train.jsonl --objective fm --steps 50   # tiny, CPU
-  python stage1_coldstart.py --preset tiny --data data/toy/train.jsonl --objective sem --reward pixel \
-      --max_new_tokens 32 --steps 50 --out_dir out/stage1_tiny_sem                                  # tiny cold start
-  torchrun --nproc_per_node=2 stage1_coldstart.py --preset tiny --data data/toy/train.jsonl        # same, 2 ranks (gloo)
+  python data/shapes/prepare.py                                                  # tiny data, once
+  python stage1_coldstart.py --preset tiny --data data/shapes/train/captions.jsonl --objective fm \
+      --steps 60 --batch_size 8 --lr 1e-3 --out_dir out/stage1_fm                  # tiny pre-training, CPU
+  python stage1_coldstart.py --init out/stage1_fm --data data/shapes/train/captions.jsonl --objective sem \
+      --reward pixel --steps 10 --batch_size 4 --max_new_tokens 24 --out_dir out/stage1   # tiny cold start
+  torchrun --nproc_per_node=2 stage1_coldstart.py --data data/shapes/train/captions.jsonl --steps 60  # 2 ranks (gloo)
   # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training, then the cold start from it
   torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
       --objective fm --image_size 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
@@ -95,7 +97,7 @@ class Args:
     stop_after: int = field(default=0, metadata={"help": "end this run (with a checkpoint) at this step; continue with --resume (0 = at --steps)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     wd: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=100, metadata={"help": "linear warmup steps"})
+    warmup: int = field(default=100, metadata={"help": "linear warmup steps (at most 10 pct of --steps)"})
     lr_schedule: str = field(default="cosine", metadata={"help": "cosine (down to 0.1 lr) | constant", "choices": ["cosine", "constant"]})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for weights and compute", "choices": ["fp32", "bf16"]})
@@ -348,7 +350,7 @@ def main(args):
     end = min(args.steps, args.stop_after or args.steps)
     while step < end:
         t0 = time.time()
-        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.lr_schedule)
+        lr = M.lr_at(step, args.lr, min(args.warmup, args.steps // 10), args.steps, args.lr_schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         sums, bad = {}, False
