@@ -1,0 +1,386 @@
+"""
+Unified-Bench (SPEC §7): caption each source image with the encoder, redraw it from that caption
+alone with the decoder, and score how similar the redrawing is to the source under four frozen
+backbones (CLIP, LongCLIP, DINOv2, DINOv3). Score = cosine similarity x 100 per pair; per
+backbone the mean over pairs; overall = the unweighted mean of the backbone means.
+
+Tiny (CPU, random weights, seconds):
+    python eval_unified.py --src imgs/ --out out/ub_tiny --preset tiny --steps 2 --max_new_tokens 8 \
+        --clip_path tiny --longclip_path tiny --dinov2_path tiny --dinov3_path tiny
+Real benchmark (100 source images; how to get each backbone's weights: reward.py's REAL table):
+    torchrun --nproc_per_node=8 eval_unified.py --src data/unified_bench --init out/stage3/ckpt \
+        --out out/unified_bench --clip_path weights/clip-vit-l14-openai \
+        --longclip_path weights/longclip-L.safetensors --dinov2_path facebook/dinov2-large \
+        --dinov3_path facebook/dinov3-vitl16-pretrain-lvd1689m
+  (--clip_path: an open_clip local dir of timm/vit_large_patch14_clip_224.openai, or empty to let
+  open_clip fetch OpenAI's ViT-L/14; --longclip_path: longclip-L.pt converted once to safetensors.)
+Score any system's reconstructions (pairs matched by file name stem, no model loaded):
+    python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out out/ub_them
+
+Outputs under --out: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
+(per-image scores, per-backbone mean/std/n, summary, problems) and a Markdown table on stdout with
+the paper's rows beside ours. Re-running reuses every reconstruction whose caption and PNG exist.
+Unreadable images, non-image files and missing pairs are listed in `problems` and the run goes on.
+If no pair at all could be scored (e.g. an empty folder) the JSON is still written (n = 0) and the
+script exits with status 2 and an `error:` line.
+
+Departures from the released benchmark script (and demo), numbered:
+ 1. Backbone preprocessing runs on torch tensors (reward.py: antialiased torch resizes, the
+    released mean/std and crops) instead of PIL / HF image processors: pixel values differ by
+    about one grey level after resizing, scores by ~1e-3. CLIP ViT-L/14 runs through open_clip
+    (the same OpenAI weights as HF's openai/clip-vit-large-patch14), LongCLIP from safetensors.
+ 2. The source is center-cropped to a square and resized to --size before captioning (the demo
+    hands the PIL image at native resolution to the processor). Scoring uses the native file.
+ 3. Sampling is seeded per image from its file name (caption: torch.manual_seed; generation: the
+    initial noise), so a result does not depend on batch composition, rank count or order. By
+    default captions are sampled one image at a time for that reason (--batch_captions is faster).
+ 4. Pairs are matched by file name stem (a.jpg <-> a.png), not by the full name; two sources with
+    the same stem are reported and the first (sorted) is kept.
+ 5. Files are read with PIL and .convert("RGB") for scoring (alpha dropped, as the released
+    script does); unreadable files and missing partners are reported, never fatal.
+ 6. overall = mean over the selected backbones among CLIP/LongCLIP/DINOv2/DINOv3 (extra ones such
+    as 'pixel' are shown but not averaged in); std is over pairs with ddof = 0.
+"""
+import gc
+import json
+import os
+import sys
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model
+
+BENCH = ("clip", "longclip", "dinov2", "dinov3")   # SPEC §7, the four averaged into `overall`
+DISPLAY = {"clip": "CLIP", "longclip": "LongCLIP", "dinov2": "DINOv2", "dinov3": "DINOv3", "pixel": "pixel"}
+PAPER = [  # arXiv 2509.09666, Unified-Bench table (x100)
+    {"system": "UAE (paper)", "clip": 90.50, "longclip": 94.35, "dinov2": 81.98, "dinov3": 77.54, "overall": 86.09, "n": 100},
+    {"system": "GPT-4o-Image (paper)", "overall": 85.95, "n": 100},
+]
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    src: str = arg("", "folder of source images (top level only)")
+    out: str = arg("out/unified_bench", "output folder: captions/, recon/, captions.jsonl, unified_bench.json")
+    score_only: bool = arg(False, "only score --src against --recon (no model): any system's reconstructions")
+    recon: str = arg("", "folder of reconstructions for --score_only (paired with --src by file name stem)")
+    init: str = arg("", "UAE checkpoint directory (a stage script's ckpt); empty = base models")
+    preset: str = arg("tiny", "base models when --init is empty: 'tiny' (random, offline) or 'real'")
+    encoder: str = arg("", "override the encoder path / hub id")
+    decoder: str = arg("", "override the decoder path / hub id")
+    dtype: str = arg("auto", "float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)")
+    size: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    temperature: float = arg(0.7, "caption sampling temperature (released demo: 0.7; 0 = greedy)")
+    top_p: float = arg(1.0, "caption nucleus sampling")
+    top_k: int = arg(0, "caption top-k (0 = off)")
+    max_new_tokens: int = arg(512, "caption length limit (released demo: 512)")
+    steps: int = arg(40, "decoder sampling steps (released demo: 40)")
+    cfg: float = arg(5.0, "classifier-free guidance scale (released demo: 5.0)")
+    seed: int = arg(0, "base seed; each image's seed = f(file stem, seed)")
+    batch_size: int = arg(4, "images per generation / scoring batch")
+    batch_captions: bool = arg(False, "caption a whole batch in one generate call (faster; captions then depend on batching)")
+    backbones: str = arg(",".join(BENCH), "comma list of scoring backbones (clip, longclip, dinov2, dinov3, pixel)")
+    clip_path: str = arg("", "CLIP checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
+    longclip_path: str = arg("", "LongCLIP-L checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
+    dinov2_path: str = arg("", "DINOv2 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
+    dinov3_path: str = arg("", "DINOv3 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces (imported by the tests).
+
+def list_images(folder):
+    """Top-level image files of `folder` -> ({stem: path}, problems). Hidden files and
+    sub-folders are ignored; other files and duplicate stems are problems."""
+    files, problems = {}, []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or os.path.isdir(path):
+            continue
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in model.IMAGE_EXTS:
+            problems.append({"file": path, "reason": f"not an image file (extension {ext or 'none'!r})"})
+        elif stem in files:
+            problems.append({"file": path, "reason": f"same stem as {files[stem]} (kept that one)"})
+        else:
+            files[stem] = path
+    return files, problems
+
+
+def pair_by_stem(src, recon):
+    """({stem: path}, {stem: path}) -> ([(stem, src_path, recon_path)] sorted by stem, problems)."""
+    pairs = [(s, src[s], recon[s]) for s in sorted(src) if s in recon]
+    problems = [{"file": src[s], "reason": "no reconstruction with this stem"} for s in sorted(src) if s not in recon]
+    problems += [{"file": recon[s], "reason": "no source image with this stem"} for s in sorted(recon) if s not in src]
+    return pairs, problems
+
+
+def image_seed(stem, seed=0):
+    """A per-image seed from its file name: independent of batching, ranks and order."""
+    return (zlib.crc32(stem.encode()) + 1000003 * seed) % 2 ** 31
+
+
+def summarize(per_image, backbones):
+    """per_image: [{"scores": {backbone: score x100}}] -> per-backbone {mean, std (ddof 0), n} and
+    overall = unweighted mean of the backbone means over the Unified-Bench four that are present
+    (over all present backbones if none of the four is)."""
+    stats = {}
+    for b in backbones:
+        v = torch.tensor([r["scores"][b] for r in per_image if b in r.get("scores", {})], dtype=torch.float64)
+        stats[b] = {"mean": v.mean().item() if len(v) else None,
+                    "std": v.std(correction=0).item() if len(v) else None, "n": len(v)}
+    over = [b for b in backbones if b in BENCH and stats[b]["n"]] or [b for b in backbones if stats[b]["n"]]
+    overall = sum(stats[b]["mean"] for b in over) / len(over) if over else None
+    return stats, {"overall": overall, "overall_over": over, "n": len(per_image)}
+
+
+def markdown_table(stats, summary, label="ours", backbones=BENCH):
+    """The paper's rows and ours, x100."""
+    cols = list(BENCH) + [b for b in backbones if b not in BENCH]
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"
+    lines = ["| system | " + " | ".join(DISPLAY.get(c, c) for c in cols) + " | overall | n |",
+             "|---" * (len(cols) + 3) + "|"]
+    for row in PAPER:
+        lines.append(f"| {row['system']} | " + " | ".join(fmt(row.get(c)) for c in cols) + f" | {fmt(row['overall'])} | {row['n']} |")
+    ours = [fmt(stats[c]["mean"]) if c in stats else "—" for c in cols]
+    lines.append(f"| {label} | " + " | ".join(ours) + f" | {fmt(summary['overall'])} | {summary['n']} |")
+    return "\n".join(lines)
+
+
+def read_rgb(path):
+    """A file as the released script reads it: PIL, .convert("RGB"), native size -> (3, H, W) in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    return torch.from_numpy(a).permute(2, 0, 1).float() / 255
+
+
+@torch.no_grad()
+def embed(bb, ims, device):
+    """List of (3, H, W) of any sizes -> (N, D) features; images of one size go in one call."""
+    groups, out = {}, [None] * len(ims)
+    for i, x in enumerate(ims):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    for idx in groups.values():
+        f = bb(torch.stack([ims[i] for i in idx]).to(device)).float().cpu()
+        for i, fi in zip(idx, f):
+            out[i] = fi
+    return torch.stack(out)
+
+
+def score_pairs(bbs, pairs, device):
+    """[(stem, src, recon)] -> ([{name, source, reconstruction, scores}], problems). SPEC §7: cos x 100."""
+    rows, problems, A, B = [], [], [], []
+    for stem, s, r in pairs:
+        try:
+            a = read_rgb(s)
+        except Exception as e:
+            problems.append({"file": s, "reason": f"unreadable source ({type(e).__name__}: {e})"})
+            continue
+        try:
+            b = read_rgb(r)
+        except Exception as e:
+            problems.append({"file": r, "reason": f"unreadable reconstruction ({type(e).__name__}: {e})"})
+            continue
+        rows.append({"name": stem, "source": s, "reconstruction": r, "scores": {}})
+        A.append(a)
+        B.append(b)
+    for name, bb in bbs.items():
+        if rows:
+            cos = F.cosine_similarity(embed(bb, A, device), embed(bb, B, device), dim=-1)  # (N,)
+            for row, c in zip(rows, cos.tolist()):
+                row["scores"][name] = 100 * c
+    return rows, problems
+
+
+# ----------------------------------------------------------------------------------------------
+
+def write_atomic(path, write):
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "size", "temperature", "top_p", "top_k",
+            "max_new_tokens", "steps", "cfg", "seed", "batch_captions")
+
+
+def check_settings(args, rank):
+    """Resume only what the same settings made: <out>/settings.json pins the generation arguments."""
+    path, cur = os.path.join(args.out, "settings.json"), {k: getattr(args, k) for k in GEN_KEYS}
+    if os.path.isfile(path):
+        old = json.load(open(path))
+        diff = {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
+        if diff:
+            sys.exit(f"error: {args.out} holds reconstructions made with other settings (was, now): {diff}; "
+                     "use another --out or delete that folder")
+    elif rank == 0:
+        write_atomic(path, lambda p: Path(p).write_text(json.dumps(cur, indent=1)))
+
+
+def generate(args, items, rank, device, dtype):
+    """Caption + redraw `items` [(stem, path)] unless already done -> (pairs, captions, problems, counts)."""
+    from tqdm import tqdm
+    from PIL import Image
+    cap_dir, rec_dir = os.path.join(args.out, "captions"), os.path.join(args.out, "recon")
+    pairs, captions, problems, todo = [], {}, [], []
+    for stem, path in items:
+        cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
+        if os.path.isfile(cp) and os.path.isfile(rp):  # resume: reuse, never regenerate
+            captions[stem] = open(cp).read()
+            pairs.append((stem, path, rp))
+            continue
+        try:  # a cheap header check, so that a run left with only bad files never loads the model
+            with Image.open(path) as im:
+                im.verify()
+            todo.append((stem, path))
+        except Exception as e:
+            problems.append({"file": path, "reason": f"cannot read image ({type(e).__name__}: {e})"})
+            tqdm.write(f"warning: {path}: {problems[-1]['reason']} (skipped)")
+    n_reused, m = len(pairs), None
+    if todo:
+        m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                           decoder=args.decoder or None, dtype=dtype, device=device)
+        size = args.size or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+    for i in tqdm(range(0, len(todo), args.batch_size), desc="caption+generate", disable=rank != 0 or not todo):
+        batch, ims = [], []
+        for stem, path in todo[i:i + args.batch_size]:
+            try:  # truncated files pass verify() and fail here
+                ims.append(model.load_image(path, size))
+                batch.append((stem, path))
+            except model.ImageError as e:
+                problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
+                tqdm.write(f"warning: {e} (skipped)")
+        if not batch:
+            continue
+        x = torch.stack(ims).to(device)  # (B, 3, S, S)
+        kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        if args.batch_captions:
+            torch.manual_seed(image_seed(batch[0][0], args.seed))
+            texts = m.sample_captions(x, **kw).texts
+        else:  # one image at a time, seeded by its name (departure 3)
+            texts = []
+            for (stem, _), xi in zip(batch, x):
+                torch.manual_seed(image_seed(stem, args.seed))
+                texts += m.sample_captions(xi[None], **kw).texts
+        shape = m.latent_shape(size, size)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(s, args.seed)))
+                             for s, _ in batch]).to(device)  # (B, C, h, w), per-image seed
+        recon = m.generate_images(texts, noise=noise, steps=args.steps, cfg=args.cfg)  # (B, 3, S, S) in [0, 1]
+        for (stem, path), text, im in zip(batch, texts, recon):
+            cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
+            write_atomic(cp, lambda p: Path(p).write_text(text))
+            arr = (im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            write_atomic(rp, lambda p: Image.fromarray(arr).save(p, format="PNG"))
+            captions[stem] = text
+            pairs.append((stem, path, rp))
+    if m is not None:
+        del m
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return sorted(pairs), captions, problems, {"reused": n_reused, "generated": len(pairs) - n_reused}
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+    from tqdm import tqdm
+    import reward
+    args, = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if not args.src or not os.path.isdir(args.src):
+        sys.exit(f"error: --src {args.src!r} is not a folder of source images")
+    if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
+        sys.exit(f"error: --score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
+    rank, world, device = model.dist_setup(args.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    log = lambda msg: print(msg if world == 1 else f"[rank {rank}] {msg}", flush=True)
+    for d in ("",) if args.score_only else ("", "captions", "recon"):
+        os.makedirs(os.path.join(args.out, d), exist_ok=True)
+
+    # 1. the pairs: by stem from two folders (score_only), or by making the reconstructions.
+    src, shared = list_images(args.src)  # `shared` problems are the same on every rank: rank 0 reports them
+    captions, counts, own = {}, {}, []
+    if not src:
+        shared.append({"file": args.src, "reason": "no image files in this folder"})
+    bbs = {}  # loaded first: a missing backbone fails before hours of generation, not after
+    for b in names if src else []:
+        bbs[b] = reward.load_backbone(b, getattr(args, f"{b}_path", "") or None, device=str(device)).eval()
+    if args.score_only:
+        rec, p2 = list_images(args.recon)
+        pairs, p3 = pair_by_stem(src, rec)
+        shared += p2 + p3
+        mine = pairs[rank::world]
+    else:
+        check_settings(args, rank)
+        mine, captions, own, counts = generate(args, sorted(src.items())[rank::world], rank, device, dtype)
+        log(f"reconstructions: generated {counts['generated']}, reused {counts['reused']} (of {len(mine)} on this rank)")
+    problems = (shared if rank == 0 else []) + own
+
+    # 2. score this rank's pairs under each backbone (SPEC §7).
+    rows, p4 = [], []
+    for i in tqdm(range(0, len(mine), args.batch_size), desc="score", disable=rank != 0):
+        r, p = score_pairs(bbs, mine[i:i + args.batch_size], device)
+        rows += r
+        p4 += p
+    for row in rows:
+        if row["name"] in captions:
+            row["caption"] = captions[row["name"]]
+    problems += p4
+
+    # 3. gather on rank 0 and report.
+    shard = {"rows": rows, "problems": problems, "captions": captions, "counts": counts}
+    if world > 1:
+        import torch.distributed as dist
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object(shard, shards, dst=0)
+    else:
+        shards = [shard]
+    status = 0
+    if rank == 0:
+        rows = sorted((r for s in shards for r in s["rows"]), key=lambda r: r["name"])
+        problems = [p for s in shards for p in s["problems"]]
+        captions = {k: v for s in shards for k, v in s["captions"].items()}
+        stats, summary = summarize(rows, names)
+        summary.update(n_sources=len(src), n_problems=len(problems),
+                       generated=sum(s["counts"].get("generated", 0) for s in shards),
+                       reused=sum(s["counts"].get("reused", 0) for s in shards))
+        if captions:
+            words = [len(c.split()) for c in captions.values()]
+            summary["caption_words_mean"] = sum(words) / len(words)
+            with open(os.path.join(args.out, "captions.jsonl"), "w") as f:
+                for stem in sorted(captions):
+                    f.write(json.dumps({"name": stem, "source": src.get(stem), "caption": captions[stem]}) + "\n")
+        label = "ours: " + (os.path.basename(os.path.normpath(args.init)) if args.init else
+                            f"recon: {args.recon}" if args.score_only else f"preset {args.preset}")
+        for p in problems:
+            print(f"problem: {p['file']}: {p['reason']}")
+        res = {"protocol": "Unified-Bench (SPEC §7): cos(f(source), f(reconstruction)) x 100",
+               "summary": summary, "backbones": stats, "problems": problems, "per_image": rows,
+               "paper": PAPER, "args": asdict(args), "world": world}
+        with open(os.path.join(args.out, "unified_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print(markdown_table(stats, summary, label, names))
+        print(f"{summary['n']} pairs scored, {len(problems)} problems; wrote {os.path.join(args.out, 'unified_bench.json')}")
+        if summary["n"] == 0:
+            print(f"error: no (source, reconstruction) pair could be scored; see the problems above", file=sys.stderr)
+            status = 2
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

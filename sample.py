@@ -1,0 +1,106 @@
+"""
+Try a UAE model by hand: caption an image, draw from a prompt, or reconstruct an image through
+its caption (image -> caption -> image), writing files a person can open.
+
+    python sample.py caption     --image x.png [--out caps/]         # prints + writes caps/x.txt
+    python sample.py generate    --prompt "a red fox" --out fox.png
+    python sample.py reconstruct --image x.png --out recon/          # x_caption.txt, x_recon.png, x_pair.png
+Model: a checkpoint directory (--init out/stage3/ckpt) or base models (--preset tiny|real).
+Tiny and fast (random weights, offline): add --preset tiny --steps 2 --max_new_tokens 8.
+Sampling defaults are the released demo's: temperature 0.7, 512 new tokens, 40 steps, CFG 5.0.
+"""
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import model
+
+COMMANDS = ("caption", "generate", "reconstruct")
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    image: str = arg("", "input image (caption, reconstruct)")
+    prompt: str = arg("", "caption to draw from (generate)")
+    out: str = arg("samples", "output: a folder, or a file (.txt for caption, .png for generate)")
+    init: str = arg("", "UAE checkpoint directory; empty = base models of --preset")
+    preset: str = arg("tiny", "'tiny' (random weights, offline) or 'real' (Qwen2.5-VL-3B + SD3.5-large)")
+    encoder: str = arg("", "override the encoder path / hub id")
+    decoder: str = arg("", "override the decoder path / hub id")
+    dtype: str = arg("auto", "float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)")
+    size: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
+    top_p: float = arg(1.0, "caption nucleus sampling")
+    max_new_tokens: int = arg(512, "caption length limit")
+    steps: int = arg(40, "decoder sampling steps")
+    cfg: float = arg(5.0, "classifier-free guidance scale")
+    seed: int = arg(0, "seed for the caption sampling and the initial noise")
+
+
+def out_path(out, ext, stem):
+    """--out is a file when it ends in `ext`, else a folder that gets `stem + ext`."""
+    path = out if out.lower().endswith(ext) else os.path.join(out, stem + ext)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def save_png(path, im):
+    from PIL import Image
+    Image.fromarray((im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+    p = HfArgumentParser(Args)
+    p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
+    args, ns = p.parse_args_into_dataclasses(argv)
+    if ns.command in ("caption", "reconstruct") and not args.image:
+        sys.exit(f"error: {ns.command} needs --image")
+    if ns.command == "generate" and not args.prompt:
+        sys.exit("error: generate needs --prompt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    torch.manual_seed(args.seed)  # caption sampling
+    m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                       decoder=args.decoder or None, dtype=dtype, device=device)
+    size = args.size or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+
+    if ns.command in ("caption", "reconstruct"):
+        try:
+            x = model.load_image(args.image, size)[None].to(device)  # (1, 3, S, S)
+        except model.ImageError as e:
+            sys.exit(f"error: {e}")
+        stem = os.path.splitext(os.path.basename(args.image))[0]
+        text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p,
+                                 max_new_tokens=args.max_new_tokens).texts[0]
+        print(text)
+    if ns.command == "caption":
+        path = out_path(args.out, ".txt", stem)
+        open(path, "w").write(text + "\n")
+        print(f"wrote {path}")
+    elif ns.command == "generate":
+        stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt)[:40].strip("_") or "image"
+        im = m.generate_images([args.prompt], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)[0]
+        path = out_path(args.out, ".png", stem)
+        save_png(path, im)
+        print(f"wrote {path}")
+    else:  # reconstruct: image -> caption -> image, and a side-by-side source | reconstruction
+        im = m.generate_images([text], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)  # (1, 3, S, S)
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, stem)
+        open(base + "_caption.txt", "w").write(text + "\n")
+        save_png(base + "_recon.png", im[0])
+        model.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
+        print(f"wrote {base}_caption.txt, {base}_recon.png, {base}_pair.png (source | reconstruction)")
+
+
+if __name__ == "__main__":
+    main()
