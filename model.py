@@ -321,7 +321,8 @@ class UAE(nn.Module):
         per_img = b["image_grid_thw"].prod(-1).tolist()
         pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
         rep = lambda t: t.repeat_interleave(G, 0)
-        # explicit GenerationConfig: never the checkpoint's (Qwen2.5-VL ships top_k=1 -> identical samples)
+        # explicit GenerationConfig: never the checkpoint's (Qwen2.5-VL ships top_k=1 -> identical samples);
+        # top_k=0 must stay 0, not None: None falls back to the model default (50) and log-probs would not match
         gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                               top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                               eos_token_id=self.eos_id, pad_token_id=self.pad_id,
@@ -511,7 +512,8 @@ def apply_checkpoint(m, meta, tensors, live_last=False):
         raise CheckpointError(f"{meta['path']} was trained for another architecture (checkpoint, model): {diff}")
     m.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
     m.pooled.copy_(tensors["pooled"])
-    if "transformer_full" in meta and meta["transformer_full"]:
+    if meta.get("transformer_full"):
+        m.transformer_full = True  # a full-DiT lineage: every later save keeps the full weights
         m.transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")}, strict=False)
     for i, layer in enumerate(meta["layers"]):
         pre = f"layer{i}."
@@ -538,8 +540,12 @@ def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, 
     from safetensors.torch import save_file
     t = {f"projector.{k}": v for k, v in m.projector.state_dict().items()}
     t["pooled"] = m.pooled
+    transformer_full = transformer_full or getattr(m, "transformer_full", False)
     layers = []
     for i, (layer, lt) in enumerate(m.layers):
+        if transformer_full:  # merged earlier DiT adapters are inside the full weights saved below
+            layer = {**layer, "transformer": None}
+            lt = {k: v for k, v in lt.items() if not k.startswith("transformer.")}
         layers.append(layer)
         t.update({f"layer{i}.{k}": v for k, v in lt.items()})
     cur = {p: (lora_cfg or {}).get(p) for p in ("encoder", "transformer")}
@@ -550,7 +556,8 @@ def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, 
             if cur[p]:
                 t.update({f"layer{i}.{p}.{k}": v for k, v in lora_state(getattr(m, p)).items()})
     if transformer_full:
-        t.update({f"transformer.{k}": v for k, v in m.transformer.state_dict().items()})
+        t.update({f"transformer.{k.replace('.base_layer', '')}": v  # base names; a live LoRA goes in its layer
+                  for k, v in m.transformer.state_dict().items() if "lora_" not in k})
     t.update(tensors_extra or {})
     meta = {"format": CKPT_FORMAT, "base": m.base, "arch": arch_of(m), "layers": layers,
             "transformer_full": transformer_full, "live_layer": any(cur.values()), **meta_extra}

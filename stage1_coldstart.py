@@ -269,11 +269,6 @@ def setup(args, device, resume=False):
         train_enc = args.train_encoder_lora if args.train_encoder_lora is not None else "sem" in args.objective
         lora_cfg = {"encoder": M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS) if train_enc else None,
                     "transformer": None if args.dit_full else M.add_lora(m.transformer, args.lora_r, args.lora_alpha, M.DIT_LORA_TARGETS)}
-    if args.dit_full and any(layer.get("transformer") for layer, _ in m.layers):
-        # model.save_checkpoint would store the merged DiT *and* the earlier DiT LoRA layers, and
-        # apply_checkpoint would merge those a second time on load.
-        raise ValueError(f"--dit_full on top of a checkpoint with DiT LoRA layers ({args.init or args.out_dir}) "
-                         "cannot be saved faithfully yet; train the DiT with LoRA, or start --dit_full from base weights")
     m.to(device=device, dtype=dtype)                      # adapters in the model's dtype (one dtype)
     m.projector.requires_grad_(True)                      # add_lora only flags lora_ params
     if args.dit_full:

@@ -258,3 +258,30 @@ def test_batch_indices_split_the_global_batch():
     assert one == two
     epoch = sum((M.batch_indices(10, 5, s, 0) for s in range(2)), [])
     assert sorted(epoch) == list(range(10))
+
+
+def test_full_dit_lineage_survives_later_lora_stages(tiny_uae, tmp_path):
+    """A stage that trains the whole DiT, then a stage with a DiT LoRA on top: loading the
+    second checkpoint gives the full weights once, plus the LoRA once."""
+    m = tiny_uae
+    e1 = M.add_lora(m.transformer, 4, 8, M.DIT_LORA_TARGETS)
+    _perturbed(m)
+    M.merge_lora(m.transformer)
+    m.layers.append(({"encoder": None, "transformer": e1}, {}))   # as if an earlier stage's layer
+    with torch.no_grad():
+        for p in m.transformer.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    M.save_checkpoint(str(tmp_path / "full"), m, {"stage": "s1"}, transformer_full=True)
+    z, caps = torch.randn(1, 16, 8, 8), ["a red circle"]
+    with torch.no_grad():
+        want = m.velocity(z, 0.5, m.condition(caps))
+        a = M.load_uae(init=str(tmp_path / "full"))
+        assert torch.equal(a.velocity(z, 0.5, a.condition(caps)), want)
+    e2 = M.add_lora(a.transformer, 4, 8, M.DIT_LORA_TARGETS)
+    _perturbed(a)
+    M.save_checkpoint(str(tmp_path / "s3"), a, {"stage": "s3"}, {"transformer": e2})
+    assert json.load(open(tmp_path / "s3" / "uae.json"))["transformer_full"]
+    with torch.no_grad():
+        want = a.velocity(z, 0.5, a.condition(caps))
+        b = M.load_uae(init=str(tmp_path / "s3"), resume=True)
+        assert torch.equal(b.velocity(z, 0.5, b.condition(caps)), want)
