@@ -5,17 +5,17 @@ backbones (CLIP, LongCLIP, DINOv2, DINOv3). Score = cosine similarity x 100 per 
 backbone the mean over pairs; overall = the unweighted mean of the backbone means.
 
 Tiny (CPU, random weights, seconds):
-    python eval_unified.py --src imgs/ --out out/ub_tiny --preset tiny --steps 2 --max_new_tokens 8 \
+    python eval_unified.py --src imgs/ --out_dir out/ub_tiny --preset tiny --steps 2 --max_new_tokens 8 \
         --clip_path tiny --longclip_path tiny --dinov2_path tiny --dinov3_path tiny
 Real benchmark (100 source images; how to get each backbone's weights: reward.py's REAL table):
     torchrun --nproc_per_node=8 eval_unified.py --src data/unified_bench --init out/stage3/ckpt \
-        --out out/unified_bench --clip_path weights/clip-vit-l14-openai \
+        --out_dir out/unified_bench --clip_path weights/clip-vit-l14-openai \
         --longclip_path weights/longclip-L.safetensors --dinov2_path facebook/dinov2-large \
         --dinov3_path facebook/dinov3-vitl16-pretrain-lvd1689m
   (--clip_path: an open_clip local dir of timm/vit_large_patch14_clip_224.openai, or empty to let
   open_clip fetch OpenAI's ViT-L/14; --longclip_path: longclip-L.pt converted once to safetensors.)
 Score any system's reconstructions (pairs matched by file name stem, no model loaded):
-    python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out out/ub_them
+    python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out_dir out/ub_them
 
 Outputs under --out: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
 (per-image scores, per-backbone mean/std/n, summary, problems) and a Markdown table on stdout with
@@ -69,7 +69,7 @@ def arg(default, help):
 @dataclass
 class Args:
     src: str = arg("", "folder of source images (top level only)")
-    out: str = arg("out/unified_bench", "output folder: captions/, recon/, captions.jsonl, unified_bench.json")
+    out_dir: str = arg("out/unified_bench", "output folder: captions/, recon/, captions.jsonl, unified_bench.json")
     score_only: bool = arg(False, "only score --src against --recon (no model): any system's reconstructions")
     recon: str = arg("", "folder of reconstructions for --score_only (paired with --src by file name stem)")
     init: str = arg("", "UAE checkpoint directory (a stage script's ckpt); empty = base models")
@@ -216,13 +216,13 @@ GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "size", "temperatur
 
 def check_settings(args, rank):
     """Resume only what the same settings made: <out>/settings.json pins the generation arguments."""
-    path, cur = os.path.join(args.out, "settings.json"), {k: getattr(args, k) for k in GEN_KEYS}
+    path, cur = os.path.join(args.out_dir, "settings.json"), {k: getattr(args, k) for k in GEN_KEYS}
     if os.path.isfile(path):
         old = json.load(open(path))
         diff = {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
         if diff:
-            sys.exit(f"error: {args.out} holds reconstructions made with other settings (was, now): {diff}; "
-                     "use another --out or delete that folder")
+            sys.exit(f"error: {args.out_dir} holds reconstructions made with other settings (was, now): {diff}; "
+                     "use another --out_dir or delete that folder")
     elif rank == 0:
         write_atomic(path, lambda p: Path(p).write_text(json.dumps(cur, indent=1)))
 
@@ -231,7 +231,7 @@ def generate(args, items, rank, device, dtype):
     """Caption + redraw `items` [(stem, path)] unless already done -> (pairs, captions, problems, counts)."""
     from tqdm import tqdm
     from PIL import Image
-    cap_dir, rec_dir = os.path.join(args.out, "captions"), os.path.join(args.out, "recon")
+    cap_dir, rec_dir = os.path.join(args.out_dir, "captions"), os.path.join(args.out_dir, "recon")
     pairs, captions, problems, todo = [], {}, [], []
     for stem, path in items:
         cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
@@ -306,7 +306,7 @@ def main(argv=None):
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     log = lambda msg: print(msg if world == 1 else f"[rank {rank}] {msg}", flush=True)
     for d in ("",) if args.score_only else ("", "captions", "recon"):
-        os.makedirs(os.path.join(args.out, d), exist_ok=True)
+        os.makedirs(os.path.join(args.out_dir, d), exist_ok=True)
 
     # 1. the pairs: by stem from two folders (score_only), or by making the reconstructions.
     src, shared = list_images(args.src)  # `shared` problems are the same on every rank: rank 0 reports them
@@ -358,7 +358,7 @@ def main(argv=None):
         if captions:
             words = [len(c.split()) for c in captions.values()]
             summary["caption_words_mean"] = sum(words) / len(words)
-            with open(os.path.join(args.out, "captions.jsonl"), "w") as f:
+            with open(os.path.join(args.out_dir, "captions.jsonl"), "w") as f:
                 for stem in sorted(captions):
                     f.write(json.dumps({"name": stem, "source": src.get(stem), "caption": captions[stem]}) + "\n")
         label = "ours: " + (os.path.basename(os.path.normpath(args.init)) if args.init else
@@ -368,10 +368,10 @@ def main(argv=None):
         res = {"protocol": "Unified-Bench (SPEC §7): cos(f(source), f(reconstruction)) x 100",
                "summary": summary, "backbones": stats, "problems": problems, "per_image": rows,
                "paper": PAPER, "args": asdict(args), "world": world}
-        with open(os.path.join(args.out, "unified_bench.json"), "w") as f:
+        with open(os.path.join(args.out_dir, "unified_bench.json"), "w") as f:
             json.dump(res, f, indent=1)
         print(markdown_table(stats, summary, label, names))
-        print(f"{summary['n']} pairs scored, {len(problems)} problems; wrote {os.path.join(args.out, 'unified_bench.json')}")
+        print(f"{summary['n']} pairs scored, {len(problems)} problems; wrote {os.path.join(args.out_dir, 'unified_bench.json')}")
         if summary["n"] == 0:
             print(f"error: no (source, reconstruction) pair could be scored; see the problems above", file=sys.stderr)
             status = 2

@@ -90,7 +90,7 @@ def test_identical_folders_score_100(tmp_path):
     make_images(src, ["c.jpg"], size=(80, 56))  # non-square: each backbone's own resize/crop
     shutil.copytree(src, tmp_path / "copy")
     out = str(tmp_path / "out")
-    r = run("eval_unified.py", "--score_only", "--src", src, "--recon", tmp_path / "copy", "--out", out,
+    r = run("eval_unified.py", "--score_only", "--src", src, "--recon", tmp_path / "copy", "--out_dir", out,
             "--backbones", "clip,longclip,dinov2,dinov3,pixel", *TINY_BB)
     assert r.returncode == 0, r.stderr
     res = load_json(out)
@@ -110,7 +110,7 @@ def test_bad_inputs_are_reported_not_fatal(tmp_path):
     open(os.path.join(src, "garbage.png"), "wb").write(b"this is not a png")
     open(os.path.join(src, "notes.txt"), "w").write("a text file")
     open(os.path.join(rec, "badrec.png"), "wb").write(b"\x89PNG\r\n\x1a\n truncated")
-    r = run("eval_unified.py", "--score_only", "--src", src, "--recon", rec, "--out", out, "--backbones", "pixel")
+    r = run("eval_unified.py", "--score_only", "--src", src, "--recon", rec, "--out_dir", out, "--backbones", "pixel")
     assert r.returncode == 0, r.stderr
     res = load_json(out)
     assert res["summary"]["n"] == 2 and sorted(row["name"] for row in res["per_image"]) == ["good1", "good2"]
@@ -127,7 +127,7 @@ def test_bad_inputs_are_reported_not_fatal(tmp_path):
 def test_empty_folder_writes_json_and_exits_2(tmp_path):
     src, out = tmp_path / "empty", str(tmp_path / "out")
     src.mkdir()
-    r = run("eval_unified.py", "--src", src, "--out", out, "--backbones", "pixel", *FAST)
+    r = run("eval_unified.py", "--src", src, "--out_dir", out, "--backbones", "pixel", *FAST)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "error: no (source, reconstruction) pair could be scored" in r.stderr
     res = load_json(out)
@@ -141,7 +141,7 @@ def test_end_to_end_tiny_then_resume_under_torchrun(tmp_path):
     stems = ["cat", "dog", "owl"]
     make_images(src, [s + ".png" for s in stems])
     open(os.path.join(src, "broken.png"), "wb").write(b"garbage")
-    args = ["--src", src, "--out", out, "--backbones", "dinov3,pixel", "--dinov3_path", "tiny", "--batch_size", "2", *FAST]
+    args = ["--src", src, "--out_dir", out, "--backbones", "dinov3,pixel", "--dinov3_path", "tiny", "--batch_size", "2", *FAST]
     r = run("eval_unified.py", *args)
     assert r.returncode == 0, r.stderr
     assert "generated 3, reused 0" in r.stdout
@@ -181,11 +181,11 @@ def test_end_to_end_tiny_then_resume_under_torchrun(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    args = ev.Args(src="x", out=str(tmp_path), steps=2)
+    args = ev.Args(src="x", out_dir=str(tmp_path), steps=2)
     ev.check_settings(args, rank=0)  # first run: pins the settings
-    ev.check_settings(ev.Args(src="x", out=str(tmp_path), steps=2, batch_size=7), rank=0)  # scoring/batching may change
+    ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=2, batch_size=7), rank=0)  # scoring/batching may change
     with pytest.raises(SystemExit, match="other settings.*steps"):
-        ev.check_settings(ev.Args(src="x", out=str(tmp_path), steps=3), rank=0)
+        ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=3), rank=0)
 
 
 # ---------------------------------------------------------------- sample.py
