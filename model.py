@@ -759,7 +759,10 @@ def allreduce_grads(params, world):
     if world == 1:
         return
     import torch.distributed as dist
-    params = [p for p in params if p.grad is not None]
+    params = list(params)
+    for p in params:  # the same flat layout on every rank, even where a parameter got no gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
     flat /= world
