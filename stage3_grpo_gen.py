@@ -1,0 +1,438 @@
+"""
+Stage 3 — Understanding for Generation: Flow-GRPO on the decoder (SPEC §5).
+
+The frozen encoder captions each image once; c = g(H(caption)) is the condition; the policy (the
+SD3 DiT with a fresh LoRA) draws G images from c with a stochastic (SDE) sampler, each from its
+own noise; the reward is cos(f_I(x), f_I(x~)) against the source; Flow-GRPO raises the
+likelihood of the denoising transitions of the samples that redraw the source better than
+their group.
+
+Launch:
+  python stage3_grpo_gen.py --preset tiny --data data/shapes/train --resolution 64 --steps 4 \
+      --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --reward pixel \
+      --lr 1e-2 --eval_every 2 --sample_every 2 --out_dir out/stage3-tiny      # tiny, CPU, seconds
+  torchrun --nproc_per_node=2 stage3_grpo_gen.py --preset tiny ...            # same, 2 ranks (gloo)
+  torchrun --nproc_per_node=8 stage3_grpo_gen.py --init out/stage2 --data images/ \
+      --reward clip --reward_path /ckpt/clip-vit-l-14 --dtype bf16 --grad_ckpt \
+      --out_dir out/stage3   # Qwen2.5-VL-3B + SD3.5-large (from the init checkpoint), 512 px, 8 x 80 GB
+The defaults are the real run's; the tiny run is only flags. A learning run on the tiny preset
+(pixel reward, one image, greedy caption): --resolution 32 --G 64 --groups 1 --steps 24
+--lr 5e-2 --cfg 1 --temperature 0 --beta 0 (tests/test_stage3.py::test_pixel_reward_rises).
+
+Where this departs from the paper (which gives no RL details for this stage) and Flow-GRPO:
+1. Hyper-parameters are Flow-GRPO's SD3.5 ones (512 px, 10 train / 40 eval steps, CFG 4.5,
+   a 0.7, eps 1e-4, beta 0.04, lr 3e-4, wd 1e-4, clip 1.0, LoRA r 32 / alpha 64 on the
+   attention projections, all steps but the last trained); the paper states none. G is 8 per
+   group (Flow-GRPO: 24 spread over GPUs) because a group lives on one rank here.
+2. The prompt is not a text prompt but the image's own caption by the frozen encoder (sampled
+   once, temperature 0.7 as the released demo), and the reward is similarity to that image.
+3. std_i at s = 1 uses s_1 in place of s in both places of sqrt(s / (1 - s)) (SPEC §5, read
+   literally); Flow-GRPO's code replaces it only in the denominator. The two differ by sqrt(s_1)
+   (~0.98) at the first step only.
+4. Advantages use the population std of the group (Flow-GRPO's per-prompt tracker) with a std
+   floor (default 1e-3; Flow-GRPO has none) so that near-flat groups do not amplify noise.
+   No per-prompt history across steps (each image appears as one fresh group).
+5. No EMA of the LoRA weights and no reward-model-specific tricks (Flow-GRPO has an EMA option).
+6. Data parallel by one flat all-reduce of the LoRA gradients (model.allreduce_grads), not DDP.
+   Every random draw (caption sampling, initial and SDE noise, the trained step subset) comes
+   from a generator seeded by (seed, step, global group id), so N ranks == 1 rank with the same
+   global batch, and --resume continues exactly. Captions are therefore sampled one image per
+   generate call.
+7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration (Flow-GRPO
+   permutes timesteps per sample in some versions); each trained step gets its own backward.
+
+Flow convention (SPEC §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
+v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (model.sigmas, the scheduler's
+shift); dt = s_{i+1} - s_i < 0.
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as M
+
+
+@dataclass
+class Args:
+    preset: str = field(default="real", metadata={"help": "base models when --init is empty: tiny | real"})
+    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
+    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
+    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1/2 out_dir); '' = base"})
+    data: str = field(default="", metadata={"help": "folder of images or .jsonl of {image, caption}"})
+    out_dir: str = field(default="out/stage3", metadata={"help": "checkpoints, log.jsonl, samples/"})
+    reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | ..."})
+    reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's default, 'tiny')"})
+    resolution: int = field(default=512, metadata={"help": "image side of source and samples (Flow-GRPO: 512; tiny: 64)"})
+    # Flow-GRPO (SPEC §5)
+    G: int = field(default=8, metadata={"help": "images sampled per caption (group size)"})
+    groups: int = field(default=1, metadata={"help": "groups (source images) per rank per step"})
+    sample_steps: int = field(default=10, metadata={"help": "SDE sampling steps for training"})
+    eval_steps: int = field(default=40, metadata={"help": "ODE (Euler) steps for evaluation"})
+    cfg: float = field(default=4.5, metadata={"help": "classifier-free guidance scale (sampling and training)"})
+    negative_prompt: str = field(default=M.NEGATIVE_PROMPT, metadata={"help": "text of the CFG negative condition"})
+    noise_level: float = field(default=0.7, metadata={"help": "a: SDE noise level, std_i = a sqrt(s_i / (1 - s_i))"})
+    train_frac: float = field(default=1.0, metadata={"help": "fraction of steps trained (1.0 = all but the last; <1 = random subset per step)"})
+    eps_clip: float = field(default=1e-4, metadata={"help": "ratio clip range (tiny: log-probs are per-dim means)"})
+    beta: float = field(default=0.04, metadata={"help": "KL weight against the adapter-off DiT"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantages clamped to +-adv_clip"})
+    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none: divide advantages by this std"})
+    std_floor: float = field(default=1e-3, metadata={"help": "advantage denominator is max(std, std_floor) + 1e-4"})
+    mu: int = field(default=1, metadata={"help": "num_inner_epochs: policy updates per sampled batch"})
+    temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature (0 = greedy)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
+    # optimisation
+    lora_r: int = field(default=32, metadata={"help": "DiT LoRA rank (Flow-GRPO: 32)"})
+    lora_alpha: int = field(default=64, metadata={"help": "DiT LoRA alpha (Flow-GRPO: 64)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="constant", metadata={"help": "constant | cosine"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm"})
+    steps: int = field(default=1000, metadata={"help": "sampling/update iterations"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for sampling and training (LoRA kept fp32)"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the DiT"})
+    seed: int = field(default=0, metadata={"help": "global seed"})
+    # logging / checkpoints / evaluation
+    log_every: int = field(default=1, metadata={"help": "log line every N steps"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    sample_every: int = field(default=50, metadata={"help": "write samples/step*.png (source | G samples) every N steps (0 = never)"})
+    eval_every: int = field(default=100, metadata={"help": "fixed ODE eval (eval_steps): before step 1, every N steps, at the end (0 = never)"})
+    eval_images: int = field(default=8, metadata={"help": "samples in the fixed eval set (image i mod len(data), one fixed noise each)"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly"})
+    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
+    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure pieces of Flow-GRPO (tests import these).
+
+def sde_step(x, v, s, s_next, a, noise=None, prev_sample=None, s_for_std=None):
+    """One transition x_s -> x_{s_next} of Flow-GRPO's SDE (SPEC §5), fp32.
+    Convention: x_s = (1 - s) x0 + s eps, v = eps - x0 (the DiT at timestep 1000 s), dt = s_next - s < 0.
+        std  = a sqrt(s' / (1 - s'))   with s' = s_for_std (pass s_1 when s = 1) else s
+        mean = x + [v + std^2 / (2 s) (x + (1 - s) v)] dt
+        x'   = mean + std sqrt(-dt) eps
+        log p(x' | x) = log N(x'; mean, std^2 |dt|), averaged over the latent dims -> (N,)
+    prev_sample given: its log-prob under this step's mean (training); else x' is drawn with
+    `noise` (N, ...) ~ N(0, 1). Pass s, s_next as 0-d fp32 tensors from model.sigmas: with a = 0
+    this is then exactly model.UAE.sample_ode's Euler step `x + v * (s_next - s)`, bit for bit,
+    and the log-prob is undefined (zero variance): zeros are returned, std is 0.
+    -> (x_next, log_prob (N,), mean, std)."""
+    x, v = x.float(), v.float()
+    dt = s_next - s
+    if a == 0:
+        mean = x + v * dt                               # plain Euler, as in sample_ode
+        x_next = mean if prev_sample is None else prev_sample.float()
+        return x_next, torch.zeros(x.shape[0], device=x.device), mean, torch.zeros((), device=x.device)
+    ss = s if s_for_std is None else s_for_std
+    std = a * torch.sqrt(torch.as_tensor(ss / (1 - ss), dtype=torch.float32))
+    mean = x + (v + std ** 2 / (2 * s) * (x + (1 - s) * v)) * dt
+    sd = std * torch.sqrt(-torch.as_tensor(dt, dtype=torch.float32))   # transition std, std sqrt(|dt|)
+    if prev_sample is None:
+        x_next = mean + sd * noise.float()
+    else:
+        x_next = prev_sample.float()
+    lp = -((x_next.detach() - mean) ** 2) / (2 * sd ** 2) - torch.log(sd) - 0.5 * math.log(2 * math.pi)
+    return x_next, lp.flatten(1).mean(1), mean, std
+
+
+def sigma_for_std(sig, i):
+    """SPEC §5: at s = 1 (std infinite) use the first sigma below 1."""
+    return sig[1] if sig[i] >= 1 else sig[i]
+
+
+def transition(m, x, i, sig, cond, neg, a, cfg, noise=None, prev_sample=None):
+    """The policy's step i from x = x_{s_i}: v = D(x, s_i, c) with CFG, then sde_step. The one code
+    path shared by sampling, training and the reference (so the first ratio is exactly 1)."""
+    v = m.velocity(x, sig[i], cond, neg, cfg).float()
+    return sde_step(x, v, sig[i], sig[i + 1], a, noise, prev_sample, s_for_std=sigma_for_std(sig, i))
+
+
+def _randn(shape, gens, device):
+    """(N, *shape[1:]) standard normal noise, N/len(gens) rows from each generator in turn (one per group)."""
+    gens = gens if isinstance(gens, (list, tuple)) else [gens]
+    n = shape[0] // len(gens)
+    return torch.cat([torch.randn((n,) + tuple(shape[1:]), generator=g, device=g.device) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def sde_sample(m, noise, cond, neg, sigmas, a, cfg, generator):
+    """SDE sampling of all N rows in one batched DiT call per step, fp32 state.
+    noise (N, C, h, w) initial; generator: a torch.Generator or a list of them (one per block of
+    N/len rows) for the per-step noise. -> (x_0 (N, C, h, w), trajectory (N, steps+1, C, h, w),
+    log_probs (N, steps)) with trajectory[:, 0] = noise, trajectory[:, -1] = x_0."""
+    x = noise.float()
+    traj, lps = [x], []
+    for i in range(len(sigmas) - 1):
+        eps = _randn(x.shape, generator, x.device) if a != 0 else None
+        x, lp, _, _ = transition(m, x, i, sigmas, cond, neg, a, cfg, noise=eps)
+        traj.append(x)
+        lps.append(lp)
+    return x, torch.stack(traj, 1), torch.stack(lps, 1)
+
+
+def group_advantages(r, G, scale="group", eps=1e-4, std_floor=1e-3, clip=None):
+    """SPEC §5 / Flow-GRPO: A_i = (r_i - mean_G r) / (max(std, std_floor) + eps), std the
+    population std of the group (scale=group), of the whole batch (batch), or no division (none);
+    then clamped to +-clip. r (N,) with rows grouped G at a time -> (N,)."""
+    rg = r.float().view(-1, G)                               # (B, G)
+    A = rg - rg.mean(1, keepdim=True)
+    if scale == "group":
+        A = A / (rg.std(1, unbiased=False, keepdim=True).clamp_min(std_floor) + eps)
+    elif scale == "batch":
+        A = A / (r.float().std(unbiased=False).clamp_min(std_floor) + eps)
+    elif scale != "none":
+        raise ValueError(f"--scale_rewards must be group | batch | none, got {scale!r}")
+    A = A.flatten()
+    return A.clamp(-clip, clip) if clip else A
+
+
+def sde_kl(mean, mean_ref, std):
+    """SPEC §5 (Flow-GRPO's form): KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2) -> (N,)."""
+    return ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std ** 2)
+
+
+def flow_grpo_loss(logp, logp_old, adv, eps_clip, kl=None, beta=0.0):
+    """SPEC §5 per-step loss: mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))) + beta mean(KL),
+    rho = exp(logp - logp_old). All (N,). -> (loss, stats of detached tensors)."""
+    ratio = torch.exp(logp - logp_old)
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_clip, 1 + eps_clip)).mean()
+    loss = policy + beta * kl.mean() if (kl is not None and beta > 0) else policy
+    r = ratio.detach()
+    stats = {"policy": policy.detach(), "kl": kl.detach().mean() if kl is not None else torch.zeros(()),
+             "clipfrac": ((r - 1).abs() > eps_clip).float().mean(), "ratio": r}
+    return loss, stats
+
+
+def seed_of(*keys):
+    """A 63-bit seed from integer keys (seed, step, global group id, purpose)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def trained_steps(n_steps, frac, seed, step):
+    """Step indices trained this iteration: all but the last (frac >= 1), or a seeded random subset."""
+    cand = list(range(n_steps - 1)) or [0]
+    if frac >= 1:
+        return cand
+    k = max(1, round(frac * len(cand)))
+    perm = torch.randperm(len(cand), generator=torch.Generator().manual_seed(seed_of(seed, step, 0, 3)))
+    return sorted(cand[i] for i in perm[:k].tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+
+def caption_groups(m, x, seeds, args):
+    """One caption per image (frozen encoder), each under its own seed (rank-count invariant)."""
+    caps = []
+    for k, sd in enumerate(seeds):
+        with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+            torch.manual_seed(sd)
+            caps.append(m.sample_captions(x[k:k + 1], G=1, temperature=args.temperature,
+                                          max_new_tokens=args.max_new_tokens).texts[0])
+    return caps
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+    import reward as R
+    args = argv if isinstance(argv, Args) else HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    rank, world, device = M.dist_setup(args.seed)
+    master = rank == 0
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    ds = M.ImageDataset(args.data, args.resolution)
+    # model: earlier stages merged (encoder and projector frozen); this stage's DiT LoRA live
+    if args.resume:
+        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        meta, tensors = M.read_checkpoint(args.out_dir)
+        lora_cfg = meta["layers"][-1]["transformer"]
+    else:
+        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                       decoder=args.decoder or None, dtype=dtype, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)  # the same fresh adapter on every rank
+            lora_cfg = M.add_lora(m.transformer, args.lora_r, args.lora_alpha, M.DIT_LORA_TARGETS)
+    m.projector.requires_grad_(False)  # E, g frozen: only the DiT LoRA trains
+    params = [p for p in m.transformer.parameters() if p.requires_grad]
+    for p in params:  # trainable LoRA in fp32 (AdamW on bf16 weights loses the update)
+        p.data = p.data.float()
+    if args.resume and dtype != torch.float32:  # load_uae put the saved fp32 LoRA into bf16: reload it
+        live = f"layer{len(meta['layers']) - 1}.transformer."
+        m.transformer.load_state_dict({k[len(live):]: v for k, v in tensors.items() if k.startswith(live)}, strict=False)
+    if args.grad_ckpt:
+        m.transformer.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    step, skipped = 0, 0
+    if args.resume:
+        step, st_meta = M.load_train_state(args.out_dir, opt, rank, world)
+        skipped = st_meta.get("skipped", 0)
+    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
+    with torch.no_grad():
+        neg = m.condition([args.negative_prompt]) if args.cfg != 1.0 else None   # frozen (1, L, D)
+    sig = m.sigmas(args.sample_steps)                                             # (steps+1,) s_0 = 1 ... 0
+    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    if master:
+        print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
+    G, ev = args.G, {}
+    if args.eval_every and not args.resume:
+        log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+    pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
+    while step < args.steps:
+        t0 = time.time()
+        idx = M.batch_indices(len(ds), args.groups, step, args.seed, rank, world)
+        gids = [step * args.groups * world + rank * args.groups + k for k in range(args.groups)]
+        x, _, names = ds.batch(idx)
+        x = x.to(device)                                                          # (B, 3, H, W)
+        # 1) caption once with the frozen encoder; c = g(H(y)) (frozen)
+        caps = caption_groups(m, x, [seed_of(args.seed, step, g, 0) for g in gids], args)
+        with torch.no_grad():
+            cond = m.condition(caps).repeat_interleave(G)                         # (N, L, D), N = B*G
+        t1 = time.time()
+        # 2) G samples per caption with the SDE sampler, each its own initial and step noise
+        gens = [torch.Generator().manual_seed(seed_of(args.seed, step, gid, 1)) for gid in gids]
+        shape = (len(gids) * G,) + m.latent_shape(args.resolution, args.resolution)
+        noise = _randn(shape, gens, device)
+        z, traj, logp_old = sde_sample(m, noise, cond, neg, sig, args.noise_level, args.cfg, gens)
+        t2 = time.time()
+        with torch.no_grad():
+            recon = m.vae_decode(z)                                               # (N, 3, H, W)
+        t3 = time.time()
+        # 3) reward R(x, x~) = cos(f(x), f(x~)), no grad; gathered so that every rank sees the batch
+        with torch.no_grad():
+            r = backbone.similarity(x.float().repeat_interleave(G, 0), recon.float()).float()   # (N,)
+        r_all = gather(r, world)
+        t4 = time.time()
+        # 4) advantages per group (SPEC §5: (r - mean_G) / (std_G + eps), clamped to +-adv_clip)
+        bad = not torch.isfinite(r_all).all().item()
+        N = r.shape[0]
+        adv = group_advantages(r_all.nan_to_num(0.0), G, args.scale_rewards, 1e-4, args.std_floor,
+                               args.adv_clip)[rank * N:(rank + 1) * N]
+        # 5) Flow-GRPO update(s): one backward per trained step (trajectories kept, not graphs)
+        js = trained_steps(args.sample_steps, args.train_frac, args.seed, step)
+        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+        for g_ in opt.param_groups:
+            g_["lr"] = lr
+        st = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "ratio/mean": 0.0,
+              "ratio/min": 1.0, "ratio/max": 1.0, **{f"loss/step_{j}": 0.0 for j in js}}
+        gnorm = 0.0
+        for it in range(args.mu):
+            opt.zero_grad(set_to_none=True)
+            rmin, rmax = math.inf, -math.inf
+            for j in js:
+                if bad:
+                    break
+                xj, xn = traj[:, j].contiguous(), traj[:, j + 1].contiguous()
+                _, logp, mean, std = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
+                kl = None
+                if args.beta > 0:
+                    with torch.no_grad(), M.adapters_disabled(m.transformer):
+                        _, _, mean_ref, _ = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
+                    kl = sde_kl(mean, mean_ref, std)
+                loss, s = flow_grpo_loss(logp, logp_old[:, j], adv, args.eps_clip, kl, args.beta)
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                (loss / len(js)).backward()
+                if it == 0:  # metrics of the first (on-policy) pass, averaged over trained steps
+                    st[f"loss/step_{j}"] = loss.item()
+                    for k in ("policy", "kl", "clipfrac"):
+                        st[f"loss/{k}"] += s[k].item() / len(js)
+                    st["ratio/mean"] += s["ratio"].mean().item() / len(js)
+                    rmin, rmax = min(rmin, s["ratio"].min().item()), max(rmax, s["ratio"].max().item())
+            if it == 0 and not bad:
+                st["ratio/min"], st["ratio/max"] = rmin, rmax
+            # every rank must agree on skipping, or the all-reduce below would hang / mix
+            bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
+            if bad:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                break
+            M.allreduce_grads(params, world)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            if not math.isfinite(gnorm):
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                break
+            opt.step()
+        t5 = time.time()
+        step += 1
+        # 6) logs (rank 0), all-reduced over ranks
+        rf = r_all[torch.isfinite(r_all)]
+        rg = r_all.view(-1, G)
+        met = {"reward/mean": rf.mean().item() if rf.numel() else float("nan"),
+               "reward/std": rf.std(unbiased=False).item() if rf.numel() else float("nan"),
+               "reward/flat_group_frac": (rg.std(1, unbiased=False) <= max(args.std_floor, 1e-6)).float().mean().item(),
+               "adv/abs_mean": adv.abs().mean().item(), "logp/mean": logp_old.mean().item(),
+               **{k: (v if math.isfinite(v) else 0.0) for k, v in st.items()},
+               "loss/total": sum(st[f"loss/step_{j}"] for j in js) / len(js),
+               "caption/words_mean": sum(len(c.split()) for c in caps) / len(caps),
+               "grad_norm": gnorm, "lr": lr, "skipped": float(skipped),
+               "time/caption": t1 - t0, "time/sample": t2 - t1, "time/decode": t3 - t2, "time/reward": t4 - t3,
+               "time/train": t5 - t4, "time/total": t5 - t0}
+        ops = {"ratio/max": "max", "ratio/min": "min", "skipped": "max", "time/total": "max"}
+        met = M.allreduce_metrics(met, world, ops)
+        if ds.bad:
+            met["data/bad_files"] = len(ds.bad)
+        line = (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | loss {met['loss/total']:+.5f} "
+                f"| kl {met['loss/kl']:.3g} | clip {met['loss/clipfrac']:.3f} | ratio [{met['ratio/min']:.4f}, {met['ratio/max']:.4f}] "
+                f"| gnorm {gnorm:.3f} | skipped {skipped} | {met['time/total']:.2f}s") if step % args.log_every == 0 else None
+        log.log(step, met, line)
+        pbar.update(1)
+        if master and args.sample_every and step % args.sample_every == 0:
+            write_samples(os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), x, recon, caps, r, G)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+        if step % args.save_every == 0 or step == args.steps:
+            M.save_train_state(args.out_dir, m, asdict(args), step, opt, {"transformer": lora_cfg}, rank, world,
+                               "stage3", extra_meta={"skipped": skipped})
+    pbar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return m
+
+
+def gather(t, world):
+    """All ranks' (N,) tensors concatenated in rank order (groups stay whole on their rank)."""
+    if world == 1:
+        return t
+    import torch.distributed as dist
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(m, ds, neg, backbone, args, rank, world, device, cache):
+    """Fixed evaluation: eval_images samples (sample i: image i mod len(data), its own caption seed
+    and noise; split over ranks), captions sampled once (the encoder is frozen), Euler ODE with
+    eval_steps. -> {"eval/reward": mean over all eval samples}."""
+    ids = [i for i in range(args.eval_images) if i % world == rank]
+    if "cond" not in cache and ids:
+        x, _, _ = ds.batch(ids)
+        caps = caption_groups(m, x.to(device), [seed_of(args.seed, i, 0, 5) for i in ids], args)
+        cache.update(x=x.to(device), cond=m.condition(caps), noise=torch.cat([
+            torch.randn((1,) + m.latent_shape(args.resolution, args.resolution),
+                        generator=torch.Generator().manual_seed(seed_of(args.seed, i, 0, 4))) for i in ids]).to(device))
+    tot = 0.0
+    if ids:
+        z = m.sample_ode(cache["noise"], cache["cond"], neg, args.eval_steps, args.cfg)
+        tot = backbone.similarity(cache["x"].float(), m.vae_decode(z).float()).sum().item()
+    s = M.allreduce_metrics({"sum": tot, "n": float(len(ids))}, world)
+    return {"eval/reward": s["sum"] / max(s["n"], 1e-9)}
+
+
+def write_samples(path, x, recon, caps, r, G):
+    """samples/step*.png: per source image one row, source | its G samples, rewards and caption below."""
+    B = x.shape[0]
+    cols = [x] + [recon.view(B, G, *recon.shape[1:])[:, g] for g in range(G)]
+    rg = r.view(B, G).tolist()
+    M.save_grid(path, cols, [f"r: {' '.join(f'{v:.3f}' for v in rg[b])} | {caps[b]}" for b in range(B)])
+
+
+if __name__ == "__main__":
+    main()
