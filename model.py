@@ -283,7 +283,7 @@ class UAE(nn.Module):
         # SPEC §2: constant pooled projection (SD3's CLIP pooled embedding of ""; zeros when absent)
         self.register_buffer("pooled", torch.zeros(P) if pooled is None else pooled.reshape(P))
         self.transformer.set_attn_processor(MaskedJointAttnProcessor())
-        for m in (self.encoder, self.transformer, self.vae):
+        for m in (self.encoder, self.transformer, self.vae, self.projector):  # stages unfreeze what they train
             m.requires_grad_(False)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = self.tokenizer.pad_token_id
