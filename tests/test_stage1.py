@@ -179,11 +179,24 @@ def test_dit_full_trains_dit_not_encoder(tiny_paths, images):
     assert changed == {"transformer", "projector"}
 
 
-def test_dit_full_refuses_init_with_dit_lora(tmp_path, tiny_paths):
+def test_dit_full_on_top_of_dit_lora_saves_faithfully(tmp_path, tiny_paths):
+    """--dit_full after a stage with a DiT LoRA: the checkpoint holds the full (merged + trained)
+    DiT once, and loading it gives the same velocity (the earlier LoRA is not merged twice)."""
     m, _, cfg = S.setup(args_for(objective="fm"), torch.device("cpu"))
+    for n, p in m.transformer.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
     M.save_checkpoint(str(tmp_path / "ck"), m, {}, cfg)
-    with pytest.raises(ValueError, match="dit_full"):
-        S.setup(args_for(objective="fm", dit_full=True, init=str(tmp_path / "ck")), torch.device("cpu"))
+    m2, _, _ = S.setup(args_for(objective="fm", dit_full=True, init=str(tmp_path / "ck")), torch.device("cpu"))
+    with torch.no_grad():
+        for p in m2.transformer.parameters():
+            p.add_(0.01)
+    M.save_checkpoint(str(tmp_path / "full"), m2, {}, transformer_full=True)
+    z, caps = torch.randn(1, 16, 8, 8), ["a red circle"]
+    with torch.no_grad():
+        want = m2.velocity(z, 0.5, m2.condition(caps))
+        back = M.load_uae(init=str(tmp_path / "full"))
+        assert torch.allclose(back.velocity(z, 0.5, back.condition(caps)), want, atol=1e-5)
 
 
 def test_nonfinite_step_is_skipped(tiny_paths, images):
