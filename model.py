@@ -438,7 +438,7 @@ class UAE(nn.Module):
         cond = self.condition(captions)
         neg = self.condition([negative]) if cfg != 1.0 else None
         if noise is None:
-            size = size or self.transformer.config.sample_size * 8
+            size = size or self.transformer.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(captions),) + self.latent_shape(size, size), generator=g).to(self.device)
         return self.vae_decode(self.sample_ode(noise, cond, neg, steps, cfg))
