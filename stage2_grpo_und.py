@@ -101,6 +101,8 @@ def group_advantages(r, G, scale="group", std_floor=1e-2, eps=1e-4):
     centred = rg - rg.mean(1, keepdim=True)
     if scale == "none":
         return centred.flatten()
+    if scale not in ("group", "batch"):
+        raise ValueError(f"--scale_rewards must be group | batch | none, got {scale!r}")
     std = rg.std(1, keepdim=True) if scale == "group" else r.std().expand(rg.shape[0], 1)
     if G == 1 or (scale == "batch" and r.numel() == 1):
         std = torch.zeros_like(std)

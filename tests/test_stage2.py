@@ -28,6 +28,8 @@ def test_group_advantages_known_values():
     # the floor keeps nearly-flat CLIP groups from blowing up tiny differences
     tiny = torch.tensor([0.9000, 0.9001, 0.9000, 0.9001])
     assert S.group_advantages(tiny, 4, std_floor=1e-2).abs().max() < 0.01
+    with pytest.raises(ValueError, match="scale_rewards"):
+        S.group_advantages(r, 4, "groups")
 
 
 def test_k3_kl_and_clip():
