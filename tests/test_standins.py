@@ -16,7 +16,7 @@ import model  # noqa: E402
 import reward  # noqa: E402
 
 SHORT = ["--vae_steps", "2", "--vae_batch", "4", "--clip_steps", "2", "--clip_batch", "8", "--cap_steps", "2",
-         "--cap_batch", "4", "--eval_n", "3", "--eval_G", "2"]
+         "--cap_batch", "4", "--cap_text_batch", "2", "--eval_n", "3", "--eval_G", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,9 @@ def test_artifacts_load_through_the_stage_loaders(built, uae):
     m = uae
     assert m.encoder.config.text_config.hidden_size == 128  # the larger captioner
     assert m.latent_shape(64, 64) == (16, 8, 8) and m.transformer.config.sample_size == 8  # DiT matches the VAE
+    c = m.transformer.config  # the --dit_* decoder, and the projector feeds it
+    assert (c.num_layers, c.num_attention_heads * c.attention_head_dim, c.joint_attention_dim) == (4, 128, 64)
+    assert m.condition(["a small red circle in the center."]).emb.shape[-1] == 64
     for w in ("circle", "triangle", "background", "purple", "bottom"):  # the tokenizer learnt the shapes words
         assert len(m.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1
     torch.manual_seed(0)
@@ -108,6 +111,27 @@ def test_caption_batch_targets_only_the_caption_and_im_end(built, uae):
     ci = uae.caption_inputs(torch.zeros(1, 3, 64, 64))
     P = ci["input_ids"].shape[1]
     assert torch.equal(ci["input_ids"][0], b["input_ids"][0, :P]) and (labels[:, :P] == -100).all()
+
+
+def test_restate_batch_reads_the_decoders_template_and_targets_the_reply(built, uae):
+    """The text-only task trains exactly the template UAE.encode_text feeds the decoder; loss on the reply only,
+    whose first word (what the template's last position must predict) is the background colour."""
+    out, _ = built
+    from transformers import Qwen2_5_VLProcessor
+    proc = Qwen2_5_VLProcessor.from_pretrained(f"{out}/encoder")
+    rec = {"background": "white", "shapes": [{"size": "small", "color": "red", "shape": "circle", "position": "center"},
+                                             {"size": "large", "color": "blue", "shape": "square", "position": "top left"}]}
+    reply = standins.restate(rec)
+    assert reply == "white background; large blue square top left; small red circle center."  # reading order
+    caps = [prepare.describe("white", rec["shapes"]), "a small red circle in the center."]
+    b, labels = standins.restate_batch(proc, caps, [reply, "black background; small red circle center."])
+    msgs = [[{"role": "generate", "content": [{"type": "text", "text": c}]}] for c in caps]  # = UAE.encode_text's
+    prompts = uae.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for i, (pr, rp) in enumerate(zip(prompts, [reply, "black background; small red circle center."])):
+        ids = uae.tokenizer(pr, add_special_tokens=False)["input_ids"]
+        assert b["input_ids"][i, :len(ids)].tolist() == ids and (labels[i, :len(ids)] == -100).all()
+        assert proc.tokenizer.decode(labels[i][labels[i] != -100]) == rp + "<|im_end|>"
+    assert labels[1][b["attention_mask"][1] == 0].eq(-100).all()  # padding is not a target
 
 
 def test_caption_stats_scores_what_it_should():
