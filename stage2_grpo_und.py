@@ -28,6 +28,9 @@ Where this departs from the paper (which gives no RL hyper-parameters) and from 
    wrapper; the token count that normalises "dapo" is all-reduced, so 2 ranks == 1 rank.
 7. --seed_per_group samples each group under its own seed (one generate call per image) so runs
    are reproducible across rank counts; off by default (all B*G captions in one call).
+8. --eval_every: a fixed evaluation (eval/reward, eval/words_mean, eval/tokens_mean) on the same
+   images, caption seeds and noise every time, so the curve shows the policy and not the draw of
+   the batch (training batches differ in difficulty far more than the policy moves in a step).
 """
 import math
 import os
@@ -83,6 +86,10 @@ class Args:
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the policy forward"})
     seed: int = field(default=0, metadata={"help": "global seed (ranks offset it)"})
     # logging / checkpoints
+    eval_every: int = field(default=0, metadata={"help": "fixed eval before step 1, every N steps and at the end (0 = never)"})
+    eval_images: int = field(default=8, metadata={"help": "images in the fixed eval (the first of --eval_data)"})
+    eval_G: int = field(default=4, metadata={"help": "captions per eval image (seeded per image, same every eval)"})
+    eval_data: str = field(default="", metadata={"help": "eval images: folder or .jsonl ('' = --data; a held-out split is better)"})
     log_every: int = field(default=1, metadata={"help": "log line every N steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     sample_every: int = field(default=50, metadata={"help": "write samples/step*.png + .jsonl every N steps (0 = never)"})
@@ -145,7 +152,7 @@ def group_noise(shape, seed, step, group_ids, device):
     """One initial noise per group, drawn from (seed, step, global group id): the G captions of a
     group share it, and it does not depend on how groups are split over ranks."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-        (seed * 1_000_003 + step) * 1_000_003 + int(g))) for g in group_ids]).to(device)
+        ((seed * 1_000_003 + step) * 1_000_003 + int(g)) % 2 ** 63)) for g in group_ids]).to(device)
 
 
 @torch.no_grad()
@@ -192,6 +199,11 @@ def main(args):
         print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
               f"{n_train / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
     G, skipped = args.G, 0
+    ev = {}
+    if args.eval_every:
+        ev["ds"] = M.ImageDataset(args.eval_data, args.resolution) if args.eval_data else ds
+        if not args.resume:
+            log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage2")
     while step < args.steps:
         t0 = time.time()
@@ -311,12 +323,43 @@ def main(args):
         pbar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(args.out_dir, step, x, recon, roll.texts, r, G, names)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
         if step % args.save_every == 0 or step == args.steps:
             M.save_train_state(args.out_dir, m, asdict(args), step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
     return m
+
+
+@torch.no_grad()
+def evaluate(m, ev, neg, backbone, args, rank, world, device):
+    """Fixed evaluation of the current policy: image i < eval_images (i mod len(eval data); split over
+    ranks) gets eval_G captions sampled under a seed of its own and one noise of its own, the same at every
+    evaluation. -> {"eval/reward", "eval/words_mean", "eval/tokens_mean"}: means over all eval captions."""
+    ids = [i for i in range(args.eval_images) if i % world == rank]
+    tot = {"r": 0.0, "w": 0.0, "t": 0.0, "n": 0.0}
+    if ids:
+        if "x" not in ev:
+            x, _, _ = ev["ds"].batch([i % len(ev["ds"]) for i in ids])
+            ev["x"] = x.to(device)
+            ev["noise"] = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, -1, ids, device)
+        m.eval()
+        parts = []
+        for b, i in enumerate(ids):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed * 7919 + 1_000_003 + i)
+                parts.append(m.sample_captions(ev["x"][b:b + 1], G=args.eval_G, temperature=args.temperature,
+                                               top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens))
+        roll = cat_rollouts(parts, m.pad_id)
+        recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
+        r = backbone.similarity(ev["x"].repeat_interleave(args.eval_G, 0).float(), recon.float())
+        tot = {"r": r.sum().item(), "w": float(sum(len(t.split()) for t in roll.texts)),
+               "t": roll.completion_mask.sum().item(), "n": float(len(roll.texts))}
+    s = M.allreduce_metrics(tot, world)
+    n = max(s["n"], 1e-9)
+    return {"eval/reward": s["r"] / n, "eval/words_mean": s["w"] / n, "eval/tokens_mean": s["t"] / n}
 
 
 def cat_rollouts(parts, pad_id):

@@ -174,6 +174,23 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert x[k] == pytest.approx(y[k], abs=1e-6), (k, x["step"])
 
 
+def test_fixed_eval_sees_the_policy_not_the_draw(tmp_path):
+    """eval/* is measured on the same images, caption seeds and noise every time: with the policy frozen (lr 0)
+    every evaluation is identical, while the training batches (other images each step) are not."""
+    data = _image_dir(tmp_path / "img", 4)
+    S.main(_args(tmp_path, data, steps=3, lr=0.0, beta=0.0, eval_every=1, eval_images=3, eval_G=2,
+                 eval_data=_image_dir(tmp_path / "val", 3)))
+    log = _log(str(tmp_path / "out"))
+    ev = [d for d in log if "eval/reward" in d]
+    assert [d["step"] for d in ev] == [0, 1, 2, 3]
+    for d in ev[1:]:
+        for k in ("eval/reward", "eval/words_mean", "eval/tokens_mean"):
+            assert d[k] == ev[0][k], k
+    assert -1 <= ev[0]["eval/reward"] <= 1 and ev[0]["eval/tokens_mean"] > 0
+    train = [d["reward/mean"] for d in log if "reward/mean" in d]
+    assert len(train) == 3 and len(set(train)) > 1
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,7 +202,8 @@ def test_two_ranks_equal_one_rank(tmp_path):
     data = _image_dir(tmp_path / "img", 4)
     common = ["--preset", "tiny", "--data", data, "--reward", "pixel", "--resolution", "64", "--G", "4",
               "--micro_batch", "4", "--max_new_tokens", "8", "--sample_steps", "2", "--cfg", "1.0", "--lr", "1e-2",
-              "--steps", "2", "--sample_every", "0", "--seed_per_group", "--beta", "0.04"]
+              "--steps", "2", "--sample_every", "0", "--seed_per_group", "--beta", "0.04",
+              "--eval_every", "2", "--eval_images", "3", "--eval_G", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "stage2_grpo_und.py", *common, "--batch_size", "2", "--out_dir", str(tmp_path / "one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -195,9 +213,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _log(str(tmp_path / "one")), _log(str(tmp_path / "two"))
+    assert [sorted(d) for d in a] == [sorted(d) for d in b] and sum("eval/reward" in d for d in a) == 2
     for x, y in zip(a, b):
-        for k in ("reward/mean", "loss/policy", "loss/kl", "caption/tokens_mean"):
-            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+        for k in ("reward/mean", "loss/policy", "loss/kl", "caption/tokens_mean", "eval/reward", "eval/words_mean"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], abs=1e-5), k
     wa = M.read_checkpoint(str(tmp_path / "one"))[1]
     wb = M.read_checkpoint(str(tmp_path / "two"))[1]
     lora = [k for k in wa if "lora_" in k]
