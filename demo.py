@@ -112,7 +112,7 @@ def main():
          "--eval_every", str(n["eval_every"]), "--eval_images", "8"], log, times, "stage3")
     run(["eval_unified.py", "--init", f"{out}/stage3", "--out_dir", f"{out}/bench_stage3", *bench], log, times, "bench after 3")
     times["total"] = time.time() - t_start
-    report(out, val, times)
+    report(out, val, times, a.seed)
 
 
 def smooth(v, k=5):
@@ -120,7 +120,7 @@ def smooth(v, k=5):
     return [sum(v[max(0, i - k + 1):i + 1]) / len(v[max(0, i - k + 1):i + 1]) for i in range(len(v))]
 
 
-def report(out, val, times):
+def report(out, val, times, seed=0):
     """report.png (curves + held-out grid), report.md (checks, tables, times), report.json (the numbers)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -177,7 +177,8 @@ def report(out, val, times):
     for c in checks.values():
         c["pass"] = c["first"] is not None and c["last"] is not None and c["last"] > c["first"]
     fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"
-    L = ["# UAE shapes-world demo", "", f"Total wall time: {times['total']:.0f} s", "",
+    L = ["# UAE shapes-world demo", "", f"Seed {seed}. Total wall time: {times['total']:.0f} s. Every command and its output: "
+         "demo.log.", "",
          "## What it shows", "", "| check | before | after | |", "|---|---|---|---|",
          f"| stage 2: words per caption (fixed held-out eval, step 0 -> last) | {fmt(first.get('eval/words_mean'), 1)} | "
          f"{fmt(last.get('eval/words_mean'), 1)} | {'PASS' if checks['stage2_caption_length_rises']['pass'] else 'FAIL'} |",
@@ -202,7 +203,7 @@ def report(out, val, times):
     L += ["", "## Wall time per phase", "", "| phase | s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
     open(f"{out}/report.md", "w").write("\n".join(L) + "\n")
     k5 = max(1, len(s2) // 5)
-    summary = {"times": times, "checks": checks, "bench": {k: benches[k]["backbones"] for k in names},
+    summary = {"seed": seed, "times": times, "checks": checks, "bench": {k: benches[k]["backbones"] for k in names},
                "captions": cstats, "stage2": {"eval": e2, "first": s2[:k5], "last": s2[-k5:]} if s2 else {},
                "stage3": {"eval": e3}}
     json.dump(summary, open(f"{out}/report.json", "w"), indent=1)
