@@ -217,7 +217,7 @@ def main(args):
         if args.seed_per_group:
             parts = []
             for b, gid in enumerate(gids):
-                with torch.random.fork_rng(devices=[]):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(args.seed * 7919 + gid)
                     parts.append(m.sample_captions(x[b:b + 1], **gen))
             roll = cat_rollouts(parts, m.pad_id)
@@ -348,7 +348,7 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
         m.eval()
         parts = []
         for b, i in enumerate(ids):
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CUDA too: manual_seed seeds it
                 torch.manual_seed(args.seed * 7919 + 1_000_003 + i)
                 parts.append(m.sample_captions(ev["x"][b:b + 1], G=args.eval_G, temperature=args.temperature,
                                                top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens))
