@@ -115,7 +115,7 @@ def test_caption_batch_targets_only_the_caption_and_im_end(built, uae):
 
 def test_restate_batch_reads_the_decoders_template_and_targets_the_reply(built, uae):
     """The text-only task trains exactly the template UAE.encode_text feeds the decoder; loss on the reply only,
-    whose first word (what the template's last position must predict) is the background colour."""
+    which starts with the background colour (what the template's last position must begin to predict)."""
     out, _ = built
     from transformers import Qwen2_5_VLProcessor
     proc = Qwen2_5_VLProcessor.from_pretrained(f"{out}/encoder")
@@ -131,6 +131,8 @@ def test_restate_batch_reads_the_decoders_template_and_targets_the_reply(built, 
         ids = uae.tokenizer(pr, add_special_tokens=False)["input_ids"]
         assert b["input_ids"][i, :len(ids)].tolist() == ids and (labels[i, :len(ids)] == -100).all()
         assert proc.tokenizer.decode(labels[i][labels[i] != -100]) == rp + "<|im_end|>"
+        first = proc.tokenizer.decode(labels[i][labels[i] != -100][:1])  # the reply starts with the colour
+        assert first and ("white", "black")[i].startswith(first)
     assert labels[1][b["attention_mask"][1] == 0].eq(-100).all()  # padding is not a target
 
 

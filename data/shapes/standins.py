@@ -275,7 +275,12 @@ def caption_batch(proc, images, captions):
 
 def restate(rec):
     """The reply of the text-only task: the scene in a fixed order, background first ("blue background; large red
-    circle top left; ..."). Read from a FULL caption, so every part is known."""
+    circle top left; ..."). Read from a FULL caption, so every part is known. It starts right after the template's
+    "assistant\n" with no space, so the tokenizer (it learnt words with their leading space, "Ġblue") splits the
+    colour into pieces ("b|l|u|e", "b|l|ack"): the template's last position predicts the first piece, the reply's
+    next positions the rest. A leading space (the whole colour word as the first token) was tried and measured
+    worse on seed 0: the DiT trained 800 fm steps on it scored 0.10 for a redraw from the full caption, 0.31 with
+    this one (one run each; the DiT's reading of the caption varies from run to run)."""
     shapes = [f"{p['size']} {p['color']} {p['shape']} {p['position']}" for p in prepare.reading_order(rec["shapes"])]
     return "; ".join([f"{rec['background']} background"] + shapes) + "."
 
