@@ -39,11 +39,13 @@ What had to change in the world for the effect to show (each measured; see data/
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
 
 # step counts: (full run, --quick)
 PLAN = {
@@ -138,6 +140,11 @@ def report(out, val, times, seed=0):
     stems = sorted(os.path.splitext(f)[0] for f in os.listdir(f"{out}/bench_stage3/recon"))
     caps = {k: {s: open(f"{out}/bench_{k}/captions/{s}.txt").read().strip() for s in stems} for k in names}
     cstats = {k: caption_stats([caps[k][s] for s in stems], [vrecs[s] for s in stems]) for k in names}
+    for k in names:  # "on a <colour> background" anywhere, also in captions the strict grammar parse rejects
+        said = [BACKGROUND.search(caps[k][s]) for s in stems]
+        cstats[k]["background_any"] = sum(m is not None for m in said) / len(stems)
+        cstats[k]["background_any_right"] = sum(m is not None and m.group(1) == vrecs[s]["background"]
+                                                for m, s in zip(said, stems)) / len(stems)
 
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     col = lambda part, key: [d[key] for d in part]
@@ -193,16 +200,17 @@ def report(out, val, times, seed=0):
          "stage 3 keeps stage 2's captioner):", "", "![grid](report_grid.png)", "",
          f"## Held-out Unified-Bench-style table ({len(stems)} images)", "",
          "| after | " + " | ".join(f"{b} x100" for b in benches["stage1"]["backbones"]) +
-         " | words | shapes named* | background named* | background right* | caption well-formed |",
+         " | words | names the background | names the right one | caption well-formed | shapes named* |",
          "|---|" + "---|" * (len(benches["stage1"]["backbones"]) + 5)]
     for k in names:
         b, c = benches[k]["backbones"], cstats[k]
         L.append(f"| {k} | " + " | ".join(f"{v['mean']:.2f}" for v in b.values()) +
-                 f" | {c['words']:.1f} | {c['shapes_mentioned']:.2f} | {c['background']:.0%} | {c['background_correct']:.0%} | "
-                 f"{c['well_formed']:.0%} |")
+                 f" | {c['words']:.1f} | {c['background_any']:.0%} | {c['background_any_right']:.0%} | {c['well_formed']:.0%} | "
+                 f"{c['shapes_mentioned']:.2f} |")
     L += ["", "(pixel: a weight-free 8x8 colour-layout similarity, a sanity check beside the learnt CLIP. "
-          "Captions are sampled at temperature 0.7 and parsed against the scene's ground truth. *: per caption that "
-          "parses as the world's grammar (the well-formed ones); background right: of those that name it.)"]
+          "Captions are sampled at temperature 0.7 and read against the scene's ground truth: the background columns "
+          "count every caption that says 'on a <colour> background'; well-formed: parses as the world's grammar; "
+          "*: per well-formed caption.)"]
     L += ["", "## Wall time per phase", "", "| phase | s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
     open(f"{out}/report.md", "w").write("\n".join(L) + "\n")
     k5 = max(1, len(s2) // 5)
