@@ -266,6 +266,21 @@ class Rollout:
                        self.pixel_values[start:stop], self.image_grid_thw[i:j], self.completion_ids[i:j],
                        self.completion_mask[i:j], self.texts[i:j], self.truncated[i:j])
 
+    @staticmethod
+    def cat(parts, pad_id):
+        """Rollouts one after another: prompts left-padded, completions right-padded to a common length."""
+        T = max(p.completion_ids.shape[1] for p in parts)
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        padr = lambda t, n, v: F.pad(t, (0, n - t.shape[1]), value=v)
+        padl = lambda t, n, v: F.pad(t, (n - t.shape[1], 0), value=v)
+        return Rollout(torch.cat([padl(p.prompt_ids, P, pad_id) for p in parts]),
+                       torch.cat([padl(p.prompt_mask, P, 0) for p in parts]),
+                       torch.cat([padl(p.mm_token_type_ids, P, 0) for p in parts]),
+                       torch.cat([p.pixel_values for p in parts]), torch.cat([p.image_grid_thw for p in parts]),
+                       torch.cat([padr(p.completion_ids, T, pad_id) for p in parts]),
+                       torch.cat([padr(p.completion_mask, T, 0) for p in parts]),
+                       sum((p.texts for p in parts), []), torch.cat([p.truncated for p in parts]))
+
 
 class UAE(nn.Module):
     def __init__(self, encoder, processor, transformer, vae, scheduler, pooled=None, base=None):
@@ -342,6 +357,16 @@ class UAE(nn.Module):
         if output_scores:
             return r, torch.stack(out.scores, 1)  # (N, T, V) processed scores of the sampling pass
         return r
+
+    def sample_captions_seeded(self, images, seeds, **gen):
+        """sample_captions one image at a time, image b under torch seed seeds[b] (CPU and CUDA streams restored
+        afterwards): captions that do not depend on how images are batched or split over ranks. -> Rollout."""
+        parts = []
+        for b, seed in enumerate(seeds):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                parts.append(self.sample_captions(images[b:b + 1], **gen))
+        return Rollout.cat(parts, self.pad_id)
 
     def completion_logprobs(self, r, temperature=1.0, with_entropy=False):
         """Per-token log pi(y_t | x, y_<t), (N, T) fp32, exactly as sampled: suppressed ids masked,

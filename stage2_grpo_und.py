@@ -215,12 +215,7 @@ def main(args):
         m.eval()
         gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
         if args.seed_per_group:
-            parts = []
-            for b, gid in enumerate(gids):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(args.seed * 7919 + gid)
-                    parts.append(m.sample_captions(x[b:b + 1], **gen))
-            roll = cat_rollouts(parts, m.pad_id)
+            roll = m.sample_captions_seeded(x, [args.seed * 7919 + gid for gid in gids], **gen)
         else:
             roll = m.sample_captions(x, **gen)                                # N = B*G rows
         t1 = time.time()
@@ -346,13 +341,9 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
             ev["x"] = x.to(device)
             ev["noise"] = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, -1, ids, device)
         m.eval()
-        parts = []
-        for b, i in enumerate(ids):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CUDA too: manual_seed seeds it
-                torch.manual_seed(args.seed * 7919 + 1_000_003 + i)
-                parts.append(m.sample_captions(ev["x"][b:b + 1], G=args.eval_G, temperature=args.temperature,
-                                               top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens))
-        roll = cat_rollouts(parts, m.pad_id)
+        roll = m.sample_captions_seeded(ev["x"], [args.seed * 7919 + 1_000_003 + i for i in ids], G=args.eval_G,
+                                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                        max_new_tokens=args.max_new_tokens)
         recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
         r = backbone.similarity(ev["x"].repeat_interleave(args.eval_G, 0).float(), recon.float())
         tot = {"r": r.sum().item(), "w": float(sum(len(t.split()) for t in roll.texts)),
@@ -360,21 +351,6 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
     s = M.allreduce_metrics(tot, world)
     n = max(s["n"], 1e-9)
     return {"eval/reward": s["r"] / n, "eval/words_mean": s["w"] / n, "eval/tokens_mean": s["t"] / n}
-
-
-def cat_rollouts(parts, pad_id):
-    """Concatenate per-group rollouts (right-padding completions to a common length)."""
-    T = max(p.completion_ids.shape[1] for p in parts)
-    P = max(p.prompt_ids.shape[1] for p in parts)
-    padr = lambda t, n, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
-    padl = lambda t, n, v: torch.nn.functional.pad(t, (n - t.shape[1], 0), value=v)
-    return M.Rollout(torch.cat([padl(p.prompt_ids, P, pad_id) for p in parts]),
-                     torch.cat([padl(p.prompt_mask, P, 0) for p in parts]),
-                     torch.cat([padl(p.mm_token_type_ids, P, 0) for p in parts]),
-                     torch.cat([p.pixel_values for p in parts]), torch.cat([p.image_grid_thw for p in parts]),
-                     torch.cat([padr(p.completion_ids, T, pad_id) for p in parts]),
-                     torch.cat([padr(p.completion_mask, T, 0) for p in parts]),
-                     sum((p.texts for p in parts), []), torch.cat([p.truncated for p in parts]))
 
 
 def write_samples(out_dir, step, x, recon, texts, r, G, names):

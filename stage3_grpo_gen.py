@@ -228,13 +228,7 @@ def trained_steps(n_steps, frac, seed, step):
 
 def caption_groups(m, x, seeds, args):
     """One caption per image (frozen encoder), each under its own seed (rank-count invariant)."""
-    caps = []
-    for k, sd in enumerate(seeds):
-        with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-            torch.manual_seed(sd)
-            caps.append(m.sample_captions(x[k:k + 1], G=1, temperature=args.temperature,
-                                          max_new_tokens=args.max_new_tokens).texts[0])
-    return caps
+    return m.sample_captions_seeded(x, seeds, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
 
 
 def main(argv=None):
