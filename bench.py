@@ -27,7 +27,9 @@ from dataclasses import replace
 
 import torch
 
+import data as D
 import model as M
+import training as T
 import reward as R
 import stage2_grpo_und as S2
 import stage3_grpo_gen as S3
@@ -131,7 +133,7 @@ def load_model(a, device, dtype):
             subs = ("encoder", "encoder", "decoder/transformer", "decoder/vae", "decoder/scheduler")
             for obj, sub in zip(build_sized(c, c["res"]), subs):  # encoder dir: weights + processor
                 obj.save_pretrained(os.path.join(tmp, sub))
-            M._atomic_publish(tmp, d)
+            D.atomic_publish(tmp, d)
         return M.load_uae(encoder=f"{d}/encoder", decoder=f"{d}/decoder", dtype=dtype, device=device)
     # real: ~12B random parameters built straight on the GPU in bf16 (saving them would write ~24 GB)
     enc, proc, dit, vae, sched = build_sized(c, c["res"], device, dtype)
@@ -206,7 +208,7 @@ def stage2_step(m, bb, opt, params, neg, x, s2, step):
     with torch.no_grad():
         r = bb.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()               # (N,)
     ck("reward")
-    adv = S2.group_advantages(r, G, s2.scale_rewards, s2.std_floor)
+    adv = S2.group_advantages(r, G, scale=s2.scale_rewards, std_floor=s2.std_floor)
     N, n_tok = len(r), roll.completion_mask.sum().item()
     mbs = [(i, min(i + s2.micro_batch, N)) for i in range(0, N, s2.micro_batch)]
     with torch.no_grad(), M.adapters_disabled(m.encoder):
@@ -229,11 +231,11 @@ def stage2_step(m, bb, opt, params, neg, x, s2, step):
 def stage3_step(m, bb, opt, params, neg, x, s3, step):
     """One Flow-GRPO step on the DiT (stage3_grpo_gen.main) -> (phase seconds, counters)."""
     ck, G, sig, gids = clock(m.device), s3.G, m.sigmas(s3.sample_steps), range(len(x))
-    caps = S3.caption_groups(m, x, [S3.seed_of(s3.seed, step, g, 0) for g in gids], s3)
+    caps = S3.caption_groups(m, x, [T.seed_of(s3.seed, step, g, "caption") for g in gids], s3)
     with torch.no_grad():
         cond = m.condition(caps).repeat_interleave(G)                                            # (N, L, D)
     ck("caption+condition")
-    gens = [torch.Generator().manual_seed(S3.seed_of(s3.seed, step, g, 1)) for g in gids]
+    gens = [T.generator(s3.seed, step, g, "sde_noise") for g in gids]
     noise = S3._randn((len(x) * G,) + m.latent_shape(s3.resolution, s3.resolution), gens, m.device)
     z, traj, logp_old = S3.sde_sample(m, noise, cond, neg, sig, s3.noise_level, s3.cfg, gens)
     ck("sde sample")
@@ -243,7 +245,7 @@ def stage3_step(m, bb, opt, params, neg, x, s3, step):
     with torch.no_grad():
         r = bb.similarity(x.float().repeat_interleave(G, 0), recon.float()).float()
     ck("reward")
-    adv = S3.group_advantages(r, G, s3.scale_rewards, 1e-4, s3.std_floor, s3.adv_clip)
+    adv = S3.group_advantages(r, G, scale=s3.scale_rewards, std_floor=s3.std_floor, clip=s3.adv_clip)
     js = S3.trained_steps(s3.sample_steps, s3.train_frac, s3.seed, step)
     at = lambda j: (traj[:, j].contiguous(), j, sig, cond, neg, s3.noise_level, s3.cfg)
     with torch.no_grad(), M.adapters_disabled(m.transformer):  # the stage interleaves these with the policy pass

@@ -93,10 +93,10 @@ def main():
     run(["data/shapes/prepare.py", "--out", data, "--n_train", str(n["n_train"]), "--n_val", str(n["n_val"]), *seed], log, times, "prepare")
     quick = ["--vae_steps", "4", "--clip_steps", "4", "--cap_steps", "4", "--eval_n", "4", "--eval_G", "2"] if q else []
     run(["data/shapes/standins.py", "--data", data, "--out", S, *seed, *quick], log, times, "standins")
-    run(["stage1_coldstart.py", *base, "--image_size", "64", "--data", train, "--objective", "fm", "--steps", str(n["fm_steps"]),
+    run(["stage1_coldstart.py", *base, "--resolution", "64", "--data", train, "--objective", "fm", "--steps", str(n["fm_steps"]),
          "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000", "--out_dir", f"{out}/stage1_fm", *seed],
         log, times, "stage1 fm")
-    run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--image_size", "64", "--data", train, "--objective", "sem", *reward,
+    run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--resolution", "64", "--data", train, "--objective", "sem", *reward,
          "--steps", str(n["sem_steps"]), "--batch_size", "8", "--max_new_tokens", "40", "--lr", "3e-4", "--sample_every", "0",
          "--save_every", "100000", "--out_dir", f"{out}/stage1", *seed], log, times, "stage1 sem")
     bench = ["--src", val, "--steps", "10", "--cfg", "1.0", "--max_new_tokens", "40", "--temperature", "0.7",
@@ -128,7 +128,7 @@ def report(out, val, times, seed=0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    import model as M
+    import data as D
     sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
     from standins import caption_stats
     L2, L3 = read_log(f"{out}/stage2/log.jsonl"), read_log(f"{out}/stage3/log.jsonl")
@@ -169,10 +169,10 @@ def report(out, val, times, seed=0):
     fig.savefig(f"{out}/report_curves.png", dpi=100)
     # grid: held-out source | reconstruction after stage 1 | 2 | 3, captions after stage 1 and 2 below
     show = stems[:8]
-    load = lambda p: M.load_image(p, 64)[None]
+    load = lambda p: D.load_image(p, 64)[None]
     cols = [torch.cat([load(os.path.join(val, s + ".png")) for s in show])]
     cols += [torch.cat([load(f"{out}/bench_{k}/recon/{s}.png") for s in show]) for k in names]
-    M.save_grid(f"{out}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps['stage2'][s]}" for s in show], size=96)
+    D.save_grid(f"{out}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps['stage2'][s]}" for s in show], size=96)
 
     # the effect the demo is about, measured
     first, last = (e2[0], e2[-1]) if e2 else ({}, {})

@@ -1,5 +1,5 @@
 """
-Unified-Bench (SPEC §7): caption each source image with the encoder, redraw it from that caption
+Unified-Bench (docs/algorithm.md §7): caption each source image with the encoder, redraw it from that caption
 alone with the decoder, and score how similar the redrawing is to the source under four frozen
 backbones (CLIP, LongCLIP, DINOv2, DINOv3). Score = cosine similarity x 100 per pair; per
 backbone the mean over pairs; overall = the unweighted mean of the backbone means.
@@ -29,7 +29,7 @@ Departures from the released benchmark script (and demo), numbered:
     released mean/std and crops) instead of PIL / HF image processors: pixel values differ by
     about one grey level after resizing, scores by ~1e-3. CLIP ViT-L/14 runs through open_clip
     (the same OpenAI weights as HF's openai/clip-vit-large-patch14), LongCLIP from safetensors.
- 2. The source is center-cropped to a square and resized to --size before captioning (the demo
+ 2. The source is center-cropped to a square and resized to --resolution before captioning (the demo
     hands the PIL image at native resolution to the processor). Scoring uses the native file.
  3. Sampling is seeded per image from its file name (caption: torch.manual_seed; generation: the
     initial noise), so a result does not depend on batch composition, rank count or order. By
@@ -45,16 +45,17 @@ import gc
 import json
 import os
 import sys
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import data as D
 import model
+import training as T
 
-BENCH = ("clip", "longclip", "dinov2", "dinov3")   # SPEC §7, the four averaged into `overall`
+BENCH = ("clip", "longclip", "dinov2", "dinov3")   # docs/algorithm.md §7, the four averaged into `overall`
 DISPLAY = {"clip": "CLIP", "longclip": "LongCLIP", "dinov2": "DINOv2", "dinov3": "DINOv3", "pixel": "pixel"}
 PAPER = [  # arXiv 2509.09666, Unified-Bench table (x100)
     {"system": "UAE (paper)", "clip": 90.50, "longclip": 94.35, "dinov2": 81.98, "dinov3": 77.54, "overall": 86.09, "n": 100},
@@ -76,8 +77,8 @@ class Args:
     preset: str = arg("tiny", "base models when --init is empty: 'tiny' (random, offline) or 'real'")
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
-    dtype: str = arg("auto", "float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)")
-    size: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
+    resolution: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (released demo: 0.7; 0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
     top_k: int = arg(0, "caption top-k (0 = off)")
@@ -106,7 +107,7 @@ def list_images(folder):
         if name.startswith(".") or os.path.isdir(path):
             continue
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in model.IMAGE_EXTS:
+        if ext.lower() not in D.IMAGE_EXTS:
             problems.append({"file": path, "reason": f"not an image file (extension {ext or 'none'!r})"})
         elif stem in files:
             problems.append({"file": path, "reason": f"same stem as {files[stem]} (kept that one)"})
@@ -125,7 +126,7 @@ def pair_by_stem(src, recon):
 
 def image_seed(stem, seed=0):
     """A per-image seed from its file name: independent of batching, ranks and order."""
-    return (zlib.crc32(stem.encode()) + 1000003 * seed) % 2 ** 31
+    return T.seed_of(seed, stem)
 
 
 def summarize(per_image, backbones):
@@ -178,7 +179,7 @@ def embed(bb, ims, device):
 
 
 def score_pairs(bbs, pairs, device):
-    """[(stem, src, recon)] -> ([{name, source, reconstruction, scores}], problems). SPEC §7: cos x 100."""
+    """[(stem, src, recon)] -> ([{name, source, reconstruction, scores}], problems). docs/algorithm.md §7: cos x 100."""
     rows, problems, A, B = [], [], [], []
     for stem, s, r in pairs:
         try:
@@ -210,7 +211,7 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "size", "temperature", "top_p", "top_k",
+GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temperature", "top_p", "top_k",
             "max_new_tokens", "steps", "cfg", "seed", "batch_captions")
 
 
@@ -250,14 +251,14 @@ def generate(args, items, rank, device, dtype):
     if todo:
         m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
-        size = args.size or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+        size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
     for i in tqdm(range(0, len(todo), args.batch_size), desc="caption+generate", disable=rank != 0 or not todo):
         batch, ims = [], []
         for stem, path in todo[i:i + args.batch_size]:
             try:  # truncated files pass verify() and fail here
-                ims.append(model.load_image(path, size))
+                ims.append(D.load_image(path, size))
                 batch.append((stem, path))
-            except model.ImageError as e:
+            except D.ImageError as e:
                 problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
                 tqdm.write(f"warning: {e} (skipped)")
         if not batch:
@@ -301,8 +302,8 @@ def main(argv=None):
         sys.exit(f"error: --src {args.src!r} is not a folder of source images")
     if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
         sys.exit(f"error: --score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
-    rank, world, device = model.dist_setup(args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+    rank, world, device = T.dist_setup(args.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     log = lambda msg: print(msg if world == 1 else f"[rank {rank}] {msg}", flush=True)
     for d in ("",) if args.score_only else ("", "captions", "recon"):
@@ -327,7 +328,7 @@ def main(argv=None):
         log(f"reconstructions: generated {counts['generated']}, reused {counts['reused']} (of {len(mine)} on this rank)")
     problems = (shared if rank == 0 else []) + own
 
-    # 2. score this rank's pairs under each backbone (SPEC §7).
+    # 2. score this rank's pairs under each backbone (docs/algorithm.md §7).
     rows, p4 = [], []
     for i in tqdm(range(0, len(mine), args.batch_size), desc="score", disable=rank != 0):
         r, p = score_pairs(bbs, mine[i:i + args.batch_size], device)
@@ -365,7 +366,7 @@ def main(argv=None):
                             f"recon: {args.recon}" if args.score_only else f"preset {args.preset}")
         for p in problems:
             print(f"problem: {p['file']}: {p['reason']}")
-        res = {"protocol": "Unified-Bench (SPEC §7): cos(f(source), f(reconstruction)) x 100",
+        res = {"protocol": "Unified-Bench (docs/algorithm.md §7): cos(f(source), f(reconstruction)) x 100",
                "summary": summary, "backbones": stats, "problems": problems, "per_image": rows,
                "paper": PAPER, "args": asdict(args), "world": world}
         with open(os.path.join(args.out_dir, "unified_bench.json"), "w") as f:

@@ -5,21 +5,21 @@ projector g -> decoder D (SD3 DiT + VAE + flow-matching scheduler) -> image.
 One code path for the real checkpoints and the offline `tiny` preset (built from configs with
 random weights, saved with save_pretrained, loaded back with from_pretrained).
 
-Flow convention (SPEC §2), used everywhere in this repo:
+Flow convention (docs/algorithm.md §2), used everywhere in this repo:
     x_s = (1 - s) x0 + s eps,  s in [0, 1],  s = 1 is noise, s = 0 is data,
     the DiT predicts v = eps - x0,  x0_hat = x_s - s v,  DiT timestep = 1000 s.
 """
 import contextlib
 import json
-import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import UAE_HOME, CheckpointError, atomic_publish  # noqa: F401 (re-exported)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,7 +29,6 @@ INSTRUCTION = ("You are an expert vision-language model. Your task is: Given an 
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
 REAL_ENCODER = "Qwen/Qwen2.5-VL-3B-Instruct"
 REAL_DECODER = "stabilityai/stable-diffusion-3.5-large"
-UAE_HOME = os.path.expanduser(os.environ.get("UAE_HOME", "~/.cache/uae"))
 CKPT_FORMAT = "uae-ckpt-v1"
 
 # Qwen2.5-VL's chat template and special tokens (the tiny tokenizer carries the same ones).
@@ -50,10 +49,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 ENCODER_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +113,7 @@ def build_tiny(out_dir, seed=0, corpus=None, image_size=64, vocab_size=512):
     dit.save_pretrained(f"{tmp}/decoder/transformer")
     vae.save_pretrained(f"{tmp}/decoder/vae")
     sched.save_pretrained(f"{tmp}/decoder/scheduler")
-    _atomic_publish(tmp, out_dir)
+    atomic_publish(tmp, out_dir)
     return out_dir
 
 
@@ -197,7 +192,7 @@ def has_lora(module):
 
 @contextlib.contextmanager
 def adapters_disabled(module):
-    """The reference policy: the same module with its LoRA switched off (SPEC §4, §5)."""
+    """The reference policy: the same module with its LoRA switched off (docs/algorithm.md §4, §5)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
     for m in layers:
@@ -290,12 +285,12 @@ class UAE(nn.Module):
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.base = base or {}
         hidden, jd = encoder.config.text_config.hidden_size, transformer.config.joint_attention_dim
-        # SPEC §2 projector g: Linear(hidden, 2*jd) -> GELU -> Linear(2*jd, jd), jd = DiT joint_attention_dim
+        # docs/algorithm.md §2 projector g: Linear(hidden, 2*jd) -> GELU -> Linear(2*jd, jd), jd = DiT joint_attention_dim
         with torch.random.fork_rng(devices=[]):  # the same initial projector in every process/rank
             torch.manual_seed(0)
             self.projector = nn.Sequential(nn.Linear(hidden, 2 * jd), nn.GELU(), nn.Linear(2 * jd, jd))
         P = transformer.config.pooled_projection_dim
-        # SPEC §2: constant pooled projection (SD3's CLIP pooled embedding of ""; zeros when absent)
+        # docs/algorithm.md §2: constant pooled projection (SD3's CLIP pooled embedding of ""; zeros when absent)
         self.register_buffer("pooled", torch.zeros(P) if pooled is None else pooled.reshape(P))
         self.transformer.set_attn_processor(MaskedJointAttnProcessor())
         for m in (self.encoder, self.transformer, self.vae, self.projector):  # stages unfreeze what they train
@@ -349,7 +344,7 @@ class UAE(nn.Module):
                                     image_grid_thw=grid, generation_config=gc)
         comp = out.sequences[:, ids.shape[1]:]
         is_eos = comp == self.eos_id
-        # mask: 1 up to and including the first EOS, 0 after (SPEC §4)
+        # mask: 1 up to and including the first EOS, 0 after (docs/algorithm.md §4)
         cmask = (is_eos.cumsum(1) - is_eos.long()) == 0
         comp = comp.masked_fill(~cmask, self.pad_id)
         texts = self.tokenizer.batch_decode(comp.masked_fill(is_eos, self.pad_id), skip_special_tokens=True)
@@ -395,7 +390,7 @@ class UAE(nn.Module):
     def encode_text(self, captions, max_tokens=1024):
         """Caption -> the LVLM re-reads it in a text-only template (role "generate") -> last hidden
         states H (N, L, hidden) of every template token, right-padded, + mask (N, L). No image here:
-        the caption is the bottleneck (SPEC §2)."""
+        the caption is the bottleneck (docs/algorithm.md §2)."""
         msgs = [[{"role": "generate", "content": [{"type": "text", "text": c}]}] for c in captions]
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         b = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="right", truncation=True,
@@ -406,7 +401,7 @@ class UAE(nn.Module):
 
     def condition(self, captions, max_tokens=1024):
         H, mask = self.encode_text(captions, max_tokens)
-        emb = self.projector(H.to(self.dtype))  # SPEC §2: c = g(H), (N, L, D)
+        emb = self.projector(H.to(self.dtype))  # docs/algorithm.md §2: c = g(H), (N, L, D)
         emb = emb * mask[..., None]
         return Cond(emb, mask, self.pooled.to(emb.dtype).expand(len(captions), -1))
 
@@ -590,308 +585,4 @@ def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, 
     save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, os.path.join(tmp, "weights.safetensors"))
     with open(os.path.join(tmp, "uae.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)
-    _atomic_publish(tmp, path)
-
-
-def _atomic_publish(tmp, path):
-    """Replace directory `path` by `tmp` so that a reader never sees a half-written one."""
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".old-")
-        os.rmdir(old)
-        try:
-            os.replace(path, old)
-        except FileNotFoundError:
-            old = None
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process published it first (e.g. two ranks building the tiny preset)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def optimizer_tensors(opt):
-    """AdamW state as flat tensors (safetensors has no pickles) + the JSON-able rest."""
-    sd = opt.state_dict()
-    t = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    return t, sd["param_groups"]
-
-
-def load_optimizer(opt, tensors, groups):
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ----------------------------------------------------------------------------------------------
-# Images and data: a folder of images or a JSONL of {"image": path, "caption": text}.
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class ImageError(ValueError):
-    pass
-
-
-def load_image(path, size):
-    """Any readable image -> (3, size, size) float in [0, 1]: RGBA/LA/P composited on white,
-    16-bit and float modes rescaled, center-cropped to a square, resized (bicubic)."""
-    import numpy as np
-    from PIL import Image
-    try:
-        im = Image.open(path)
-        im.draft("RGB", (size * 2, size * 2))  # JPEG: decode huge files at reduced size
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            a = np.asarray(im, dtype=np.float32)
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
-            im = Image.fromarray((a * 255).astype(np.uint8)).convert("RGB")
-        elif im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.split()[-1])
-        else:
-            im = im.convert("RGB")
-    except Exception as e:  # truncated, not an image, decompression bomb, ...
-        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    w, h = im.size
-    c = min(w, h)
-    im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-
-class ImageDataset:
-    """Items are (name, caption or None). Unreadable images are reported by file name and
-    dropped from the draw (never a crash); `bad` keeps them for the run's log."""
-
-    def __init__(self, path, size, need_captions=False):
-        self.size, self.bad = size, {}
-        if os.path.isdir(path):
-            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-            self.items = [(f, None) for f in files]
-        elif os.path.isfile(path) and path.endswith(".jsonl"):
-            root, self.items = os.path.dirname(os.path.abspath(path)), []
-            for ln, line in enumerate(open(path), 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    img = d["image"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{ln}: expected a JSON object with an \"image\" key ({e})") from None
-                self.items.append((img if os.path.isabs(img) else os.path.join(root, img), d.get("caption")))
-        else:
-            raise FileNotFoundError(f"--data {path!r}: expected a folder of images or a .jsonl of {{image, caption}}")
-        if not self.items:
-            raise ValueError(f"--data {path!r}: no images found (extensions {', '.join(IMAGE_EXTS)})")
-        if need_captions:
-            miss = [p for p, c in self.items if not c]
-            if miss:
-                raise ValueError(f"--data {path!r}: {len(miss)} images have no caption (e.g. {miss[0]}); the 'fm' "
-                                 "objective needs a .jsonl with {\"image\": ..., \"caption\": ...} lines")
-
-    def __len__(self):
-        return len(self.items)
-
-    def batch(self, idx):
-        """Load items idx -> (images (B, 3, S, S), captions, names); a bad file is replaced by the
-        next good one in order and recorded in self.bad."""
-        ims, caps, names = [], [], []
-        for i in idx:
-            for j in range(len(self.items)):
-                path, cap = self.items[(i + j) % len(self.items)]
-                if path in self.bad:
-                    continue
-                try:
-                    ims.append(load_image(path, self.size))
-                except ImageError as e:
-                    self.bad[path] = str(e)
-                    print(f"warning: {e} (skipped; {len(self.bad)} bad files so far)")
-                    continue
-                caps.append(cap)
-                names.append(path)
-                break
-            else:
-                raise ValueError("every image in the dataset is unreadable: " + "; ".join(list(self.bad.values())[:3]))
-        return torch.stack(ims), caps, names
-
-
-def save_grid(path, columns, labels=None, size=None):
-    """A PNG a person can open: one row per item, columns = list of image batches (B, 3, H, W) in
-    [0, 1] (e.g. source | reconstructions), a text label under each row."""
-    import textwrap
-    from PIL import Image, ImageDraw
-    B = columns[0].shape[0]
-    H = size or columns[0].shape[-1]
-    rows = []
-    for b in range(B):
-        ims = [F.interpolate(c[b:b + 1].float().cpu(), size=(H, H), mode="bilinear")[0] for c in columns]
-        row = Image.fromarray((torch.cat(ims, 2).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-        if labels:
-            lines = textwrap.wrap(str(labels[b]), width=max(20, row.width // 6))[:6]
-            canvas = Image.new("RGB", (row.width, H + 12 * len(lines) + 4), "white")
-            canvas.paste(row, (0, 0))
-            ImageDraw.Draw(canvas).multiline_text((2, H + 2), "\n".join(lines), fill="black")
-            row = canvas
-        rows.append(row)
-    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        out.paste(r, (0, y))
-        y += r.height
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    out.save(path)
-
-
-def batch_indices(n, batch, step, seed, rank=0, world=1):
-    """The global batch for `step` (a seeded permutation per epoch), this rank's slice of it."""
-    g = batch * world
-    out = []
-    for k in range(step * g, step * g + g):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(perm[pos]))
-    return out[rank * batch:(rank + 1) * batch]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training plumbing shared by the stage scripts: distributed setup, gradient all-reduce,
-# metrics, logging, exact-resume state.
-
-def dist_setup(seed):
-    """torchrun -> (rank, world, device); plain python -> (0, 1, cuda:0 or cpu). Seeds offset by rank."""
-    import torch.distributed as dist
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world, local = 0, 1, 0
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(seed + rank)
-    return rank, world, device
-
-
-def allreduce_grads(params, world):
-    """Data parallel over the trainable parameters: one flat all-reduce of their gradients (mean
-    over ranks). Generate/reference passes never touch a DDP wrapper this way, and LoRA grads are
-    small enough that one bucket costs nothing."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-    params = list(params)
-    for p in params:  # the same flat layout on every rank, even where a parameter got no gradient
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p.grad))
-
-
-def allreduce_metrics(d, world, ops=None):
-    """Mean over ranks of a dict of floats ('max'/'min' for the keys named in ops)."""
-    if world == 1:
-        return d
-    import torch.distributed as dist
-    ops = ops or {}
-    out = {}
-    for kind, op in (("mean", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN)):
-        keys = [k for k in d if ops.get(k, "mean") == kind]
-        if keys:
-            t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
-            dist.all_reduce(t, op=op)
-            out.update({k: v / (world if kind == "mean" else 1) for k, v in zip(keys, t.tolist())})
-    return {k: out[k] for k in d}
-
-
-def lr_at(step, lr, warmup, total, schedule="cosine"):
-    """Linear warmup, then cosine to 10% of lr (or constant)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-class RunLog:
-    """One fixed-format line per step on rank 0, a JSONL file per run, optional wandb/tensorboard."""
-
-    def __init__(self, out_dir, master, args=None, wandb_project="", tensorboard=False, resume=False):
-        self.master, self.wb, self.tb = master, None, None
-        if not master:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.f = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
-        if wandb_project:
-            import wandb
-            self.wb = wandb.init(project=wandb_project, config=args, dir=out_dir)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def log(self, step, d, line=None):
-        if not self.master:
-            return
-        self.f.write(json.dumps({"step": step, **d}) + "\n")
-        self.f.flush()
-        if self.wb:
-            self.wb.log(d, step=step)
-        if self.tb:
-            for k, v in d.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-        if line:
-            from tqdm import tqdm
-            tqdm.write(line)
-
-
-def rng_tensors():
-    t = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        t["rng.cuda"] = torch.cuda.get_rng_state()
-    return t
-
-
-def set_rng(tensors):
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-
-
-def save_train_state(out_dir, m, args, step, opt, lora_cfg, rank, world, stage, transformer_full=False, extra_meta=None):
-    """Checkpoint (rank 0: weights + optimizer) and each rank's RNG state, for an exact --resume."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-    path = os.path.join(out_dir, "ckpt")
-    if rank == 0:
-        ot, groups = optimizer_tensors(opt)
-        save_checkpoint(path, m, {"stage": stage, "step": step, "args": args, "optim_groups": groups, "world": world,
-                                  **(extra_meta or {})}, lora_cfg, transformer_full, tensors_extra=ot)
-    if world > 1:
-        dist.barrier()
-    tmp = os.path.join(path, f".rng{rank}.tmp")
-    save_file(rng_tensors(), tmp)
-    os.replace(tmp, os.path.join(path, f"rng{rank}.safetensors"))
-    if world > 1:
-        dist.barrier()
-
-
-def load_train_state(out_dir, opt, rank, world):
-    """-> (step, meta) after restoring the optimizer and this rank's RNG from out_dir/ckpt."""
-    from safetensors.torch import load_file
-    meta, tensors = read_checkpoint(os.path.join(out_dir, "ckpt"))
-    if meta.get("world", world) != world:
-        raise CheckpointError(f"{meta['path']} was written with {meta['world']} ranks; resume with the same number (got {world})")
-    load_optimizer(opt, tensors, meta["optim_groups"])
-    rp = os.path.join(meta["path"], f"rng{rank}.safetensors")
-    if os.path.exists(rp):
-        set_rng(load_file(rp))
-    return meta["step"], meta
+    atomic_publish(tmp, path)

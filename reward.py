@@ -1,12 +1,12 @@
 """
 Image-similarity backbones f_I behind one interface, shared by the RL reward, the cold-start loss
-(with gradients) and Unified-Bench (SPEC §2, §7):
+(with gradients) and Unified-Bench (docs/algorithm.md §2, §7):
 
     bb = load_backbone("clip", path)          # or path="tiny": seeded random weights, built offline
     f = bb(x)                                 # (B, 3, H, W) in [0, 1], any H, W -> (B, D), unit norm
     r = bb.similarity(x, x_rec)               # (B,) R(x, x~) = cos(f_I(x), f_I(x~))
 
-Preprocessing runs in torch on tensors, so gradients reach the image. SPEC §7:
+Preprocessing runs in torch on tensors, so gradients reach the image. docs/algorithm.md §7:
 | name     | real weights (default)                    | preprocessing                                   | feature                   |
 | clip     | open_clip ViT-L-14 'openai' (QuickGELU):  | short side 224 bicubic, center crop 224,        | projected image embedding |
 |          | timm/vit_large_patch14_clip_224.openai    | CLIP mean/std                                   | (CLIP.encode_image)       |
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UAE_HOME, CheckpointError, _atomic_publish
+from data import UAE_HOME, CheckpointError, atomic_publish
 
 BENCH_BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
 BACKBONES = BENCH_BACKBONES + ("pixel",)
@@ -118,7 +118,7 @@ class Backbone(nn.Module):
 class PixelBackbone(Backbone):
     """A weight-free baseline, not a benchmark backbone: the image average-pooled to a grid x grid
     colour layout, centred (- 0.5), flattened and unit-normalised. A random-weight CLIP scores every pair
-    ~0.999 (SPEC §9); this one gives identical images 1 and different colours/layouts clearly less,
+    ~0.999 (docs/algorithm.md §9); this one gives identical images 1 and different colours/layouts clearly less,
     so it is a usable learning signal for the tiny preset. One small constant entry keeps a flat grey
     image (all zeros after centring) at similarity 1 with itself."""
 
@@ -196,7 +196,7 @@ def _load_dino(name, path, device, dtype):
 
 
 def load_backbone(name, path=None, device="cpu", dtype=torch.float32):
-    """name in BACKBONES; path: None = the real default weights (SPEC §7), "tiny" = the seeded tiny
+    """name in BACKBONES; path: None = the real default weights (docs/algorithm.md §7), "tiny" = the seeded tiny
     version under $UAE_HOME, else a local directory or hub id (clip: an open_clip dir, 'local-dir:' accepted;
     dinov2/dinov3: a save_pretrained dir) or, for longclip, a .safetensors file. Weights: safetensors only."""
     if name not in BACKBONES:
@@ -258,7 +258,7 @@ def build_tiny_backbones(root, seed=0):
                                  image_size=32, patch_size=8)).save_pretrained(f"{tmp}/dinov2")
         DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                        image_size=32, patch_size=8, num_register_tokens=1)).save_pretrained(f"{tmp}/dinov3")
-    _atomic_publish(tmp, root)
+    atomic_publish(tmp, root)
     return {k: os.path.join(root, v) for k, v in TINY_FILES.items()}
 
 

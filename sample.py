@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import data as D
 import model
 
 COMMANDS = ("caption", "generate", "reconstruct")
@@ -34,8 +35,8 @@ class Args:
     preset: str = arg("tiny", "'tiny' (random weights, offline) or 'real' (Qwen2.5-VL-3B + SD3.5-large)")
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
-    dtype: str = arg("auto", "float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)")
-    size: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
+    resolution: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
     max_new_tokens: int = arg(512, "caption length limit")
@@ -66,17 +67,17 @@ def main(argv=None):
     if ns.command == "generate" and not args.prompt:
         sys.exit("error: generate needs --prompt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     torch.manual_seed(args.seed)  # caption sampling
     m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
-    size = args.size or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+    size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
 
     if ns.command in ("caption", "reconstruct"):
         try:
-            x = model.load_image(args.image, size)[None].to(device)  # (1, 3, S, S)
-        except model.ImageError as e:
+            x = D.load_image(args.image, size)[None].to(device)  # (1, 3, S, S)
+        except D.ImageError as e:
             sys.exit(f"error: {e}")
         stem = os.path.splitext(os.path.basename(args.image))[0]
         text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p,
@@ -98,7 +99,7 @@ def main(argv=None):
         base = os.path.join(args.out, stem)
         open(base + "_caption.txt", "w").write(text + "\n")
         save_png(base + "_recon.png", im[0])
-        model.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
+        D.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
         print(f"wrote {base}_caption.txt, {base}_recon.png, {base}_pair.png (source | reconstruction)")
 
 

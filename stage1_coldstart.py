@@ -1,5 +1,5 @@
 """
-Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (SPEC §3).
+Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (docs/algorithm.md §3).
 
 `fm`  : the decoder learns to read the LVLM. Image/caption pairs; c = g(H(caption)) from the
         text-only re-encoding; z0 = VAE(x); s ~ logit-normal; z_s = (1 - s) z0 + s eps;
@@ -9,7 +9,7 @@ Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (
         is their re-encoding WITH gradient (E's LoRA, g); x~ = VAE.decode(z_s - s v) (one-step
         estimate; gradient through the frozen VAE decoder into D's LoRA).
 `fm+sem`: w_fm * L_fm + w_sem * L_sem on the same images.
-Flow convention (SPEC §2): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = eps - x0, x0_hat = x_s - s v.
+Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = eps - x0, x0_hat = x_s - s v.
 
 Launch:
   python data/shapes/prepare.py                                                  # tiny data, once
@@ -20,10 +20,10 @@ Launch:
   torchrun --nproc_per_node=2 stage1_coldstart.py --data data/shapes/train/captions.jsonl --steps 60  # 2 ranks (gloo)
   # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training, then the cold start from it
   torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
-      --objective fm --image_size 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
+      --objective fm --resolution 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
       --dtype bf16 --grad_ckpt --out_dir out/stage1_fm
   torchrun --nproc_per_node=8 stage1_coldstart.py --init out/stage1_fm --data images/ --objective sem \
-      --reward clip --reward_path /ckpt/clip-vit-large-patch14 --image_size 512 --batch_size 2 \
+      --reward clip --reward_path /ckpt/clip-vit-large-patch14 --resolution 512 --batch_size 2 \
       --lr 2e-5 --steps 2000 --dtype bf16 --grad_ckpt --out_dir out/stage1
 
 Where this departs from the paper (which gives no stage-1 hyper-parameters) and its released code:
@@ -43,7 +43,7 @@ Where this departs from the paper (which gives no stage-1 hyper-parameters) and 
 7. Captions for `sem` are sampled once per image (G = 1, temperature 0.7 as in the demo) from the
    current encoder, adapter live; the sampling itself gets no gradient (that is stage 2's job).
 8. No EMA of the weights; AdamW with linear warmup + cosine to 10 %.
-9. Data parallel by one flat all-reduce of the trainable gradients (model.allreduce_grads), not a
+9. Data parallel by one flat all-reduce of the trainable gradients (training.optimizer_step), not a
    DDP wrapper. Each sample's (s, eps) comes from a generator seeded by (seed, micro-step, global
    sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
    seeded per (micro-step, rank), so `sem` with temperature > 0 does (greedy captions do not).
@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
+import data as D
+import training as T
 
 
 @dataclass
@@ -70,8 +72,8 @@ class Args:
     init: str = field(default="", metadata={"help": "checkpoint to start from ('' = base models, random projector)"})
     data: str = field(default="", metadata={"help": "folder of images (sem) or .jsonl of {image, caption} (fm needs captions)"})
     out_dir: str = field(default="out/stage1", metadata={"help": "checkpoints (out_dir/ckpt), log.jsonl, samples/"})
-    image_size: int = field(default=0, metadata={"help": "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)"})
-    # objective (SPEC §3)
+    resolution: int = field(default=0, metadata={"help": "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)"})
+    # objective (docs/algorithm.md §3)
     objective: str = field(default="fm", metadata={"help": "fm | sem | fm+sem", "choices": ["fm", "sem", "fm+sem"]})
     w_fm: float = field(default=1.0, metadata={"help": "weight of the flow-matching loss"})
     w_sem: float = field(default=1.0, metadata={"help": "weight of the semantic loss 1 - cos(f(x), f(x~))"})
@@ -96,9 +98,9 @@ class Args:
     steps: int = field(default=1000, metadata={"help": "optimizer steps (the length of the lr schedule)"})
     stop_after: int = field(default=0, metadata={"help": "end this run (with a checkpoint) at this step; continue with --resume (0 = at --steps)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    wd: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=100, metadata={"help": "linear warmup steps (at most 10 pct of --steps)"})
-    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (down to 0.1 lr) | constant", "choices": ["cosine", "constant"]})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (down to 0.1 lr) | constant", "choices": ["cosine", "constant"]})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for weights and compute", "choices": ["fp32", "bf16"]})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the LVLM, the DiT and the VAE decoder"})
@@ -129,7 +131,7 @@ def sample_noise(seed, k, keys, shape, mean=0.0, std=1.0):
     -> s (2, B), eps (2, B, *shape); index 0 is for fm, 1 for sem."""
     s, eps = [], []
     for gi in keys:
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + k) * 1_000_003 + gi) % 2 ** 63)
+        g = T.generator(seed, k, gi, "fm_noise")
         s.append(logit_normal(2, mean, std, g))
         eps.append(torch.randn((2,) + tuple(shape), generator=g))
     return torch.stack(s, 1), torch.stack(eps, 1)
@@ -140,7 +142,7 @@ def _bcast(s, z):
 
 
 def flow_matching_loss(D, z0, s, eps):
-    """SPEC §3 decoder pre-training. D(z_s, s) -> v; z_s = (1 - s) z0 + s eps; target v = eps - z0.
+    """docs/algorithm.md §3 decoder pre-training. D(z_s, s) -> v; z_s = (1 - s) z0 + s eps; target v = eps - z0.
     z0, eps (B, C, h, w), s (B,). -> per-sample mse (B,), fp32."""
     z_s = (1 - _bcast(s, z0)) * z0 + _bcast(s, z0) * eps
     v = D(z_s, s)
@@ -148,7 +150,7 @@ def flow_matching_loss(D, z0, s, eps):
 
 
 def one_step_x0(D, z0, s, eps):
-    """SPEC §3 default gradient path: x0_hat = z_s - s D(z_s, s), one DiT call."""
+    """docs/algorithm.md §3 default gradient path: x0_hat = z_s - s D(z_s, s), one DiT call."""
     z_s = (1 - _bcast(s, z0)) * z0 + _bcast(s, z0) * eps
     return z_s - _bcast(s, z0) * D(z_s, s).float()
 
@@ -163,7 +165,7 @@ def last_k_x0(D, eps, sigmas, k):
 
 
 def semantic_loss(f, x, x_tilde):
-    """SPEC §3: L_sem = 1 - cos(f(x), f(x~)) per sample (B,); f(x) of the source is a constant."""
+    """docs/algorithm.md §3: L_sem = 1 - cos(f(x), f(x~)) per sample (B,); f(x) of the source is a constant."""
     with torch.no_grad():
         a = f(x.float())
     return 1 - F.cosine_similarity(a.float(), f(x_tilde.float()).float(), dim=-1)
@@ -212,7 +214,7 @@ def micro_losses(m, args, backbone, x, captions, k, keys, rank=0):
     if "sem" in args.objective.split("+"):
         m.encoder.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(((args.seed * 1_000_003 + k) * 1_000_003 + 7919 * rank) % 2 ** 63)
+            torch.manual_seed(T.seed_of(args.seed, k, rank, "sem_caption"))
             roll = m.sample_captions(x, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         m.encoder.train(ckpt)
         cond = m.condition(roll.texts) if args.cond_source == "text" else captioning_pass_cond(m, roll)
@@ -233,25 +235,6 @@ def micro_losses(m, args, backbone, x, captions, k, keys, rank=0):
     m.encoder.eval()
     st["total"] = float(total.detach()) if torch.is_tensor(total) else float(total)
     return total, st
-
-
-def update(params, opt, world, grad_clip, bad=False):
-    """After accumulation: every rank agrees on skipping (a non-finite loss anywhere), grads are
-    all-reduced, clipped and checked before the step. -> (grad_norm or None, skipped). A skipped
-    step leaves weights and optimizer state untouched."""
-    bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
-    gnorm = None
-    if not bad:
-        for p in params:                                  # same flat layout on every rank
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        M.allreduce_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
-        bad = not math.isfinite(gnorm)                    # identical on all ranks after the all-reduce
-    if not bad:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return (gnorm if gnorm is not None and math.isfinite(gnorm) else None), bad
 
 
 def setup(args, device, resume=False):
@@ -299,7 +282,7 @@ def write_samples(m, args, ds, step, size, device):
     recon = m.generate_images(texts, steps=args.sample_steps, cfg=args.cfg, size=size, seed=args.seed)
     d = os.path.join(args.out_dir, "samples")
     labels = ["".join(ch if ch.isprintable() else "?" for ch in t) for t in texts]
-    M.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
+    D.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
     with open(os.path.join(d, f"step{step:06d}.jsonl"), "w") as f:
         for name, t in zip(names, texts):
             f.write(json.dumps({"image": name, "caption": t}) + "\n")
@@ -311,19 +294,20 @@ def _finite(d):
 
 # ----------------------------------------------------------------------------------------------
 
-def main(args):
-    rank, world, device = M.dist_setup(args.seed)
+def main(argv=None):
+    args = T.parse_args(Args, argv)
+    rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     objs = args.objective.split("+")
-    size = args.image_size or (64 if args.preset == "tiny" else 512)
-    ds = M.ImageDataset(args.data, size, need_captions="fm" in objs)
+    size = args.resolution or (64 if args.preset == "tiny" else 512)
+    ds = D.ImageDataset(args.data, size, need_captions="fm" in objs)
     resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "ckpt", "uae.json"))
     m, params, lora_cfg = setup(args, device, resume)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + rank)                   # (every draw below is also seeded explicitly)
     step = 0
     if resume:
-        step, _ = M.load_train_state(args.out_dir, opt, rank, world)
+        step, _ = T.load_train_state(args.out_dir, opt, rank, world)
         if master:  # drop log lines past the checkpoint (a crash after it), so the JSONL reads as one run
             lp = os.path.join(args.out_dir, "log.jsonl")
             if os.path.exists(lp):
@@ -335,7 +319,7 @@ def main(args):
         backbone = R.load_backbone(args.reward, args.reward_path or None, device=device).to(device)
         backbone.requires_grad_(False)
         backbone.eval()
-    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume)
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume)
     if master:
         print(f"stage 1 ({args.objective}): {len(ds)} images at {size}px, {world} rank(s), "
               f"{args.batch_size}x{args.grad_accum} images/rank/step, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
@@ -345,15 +329,17 @@ def main(args):
     end = min(args.steps, args.stop_after or args.steps)
     while step < end:
         t0 = time.time()
-        lr = M.lr_at(step, args.lr, min(args.warmup, args.steps // 10), args.steps, args.lr_schedule)
+        lr = T.lr_at(step, args.lr, min(args.warmup, args.steps // 10), args.steps, args.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         sums, bad = {}, False
         for micro in range(args.grad_accum):
+            # 1. Batch: this rank's slice of the global micro-batch k (seeded, rank-count invariant)
             k = step * args.grad_accum + micro                                # global micro-step
-            idx = M.batch_indices(len(ds), args.batch_size, k, args.seed, rank, world)
+            idx = T.batch_indices(len(ds), args.batch_size, k, args.seed, rank, world)
             keys = [k * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
             x, caps, _ = ds.batch(idx)
+            # 2. Losses: L_fm and/or L_sem on this micro-batch (micro_losses), 3. backward, accumulated
             loss, st = micro_losses(m, args, backbone, x.to(device), caps, k, keys, rank)
             for key, v in st.items():
                 sums[key] = sums.get(key, 0.0) + v
@@ -361,45 +347,18 @@ def main(args):
                 bad = True
                 break
             (loss / args.grad_accum).backward()
-        gnorm, skip = update(params, opt, world, args.grad_clip, bad)
+        # 4. Step: skip agreed on every rank, gradients all-reduced, clipped, AdamW
+        gnorm, skip = T.optimizer_step(params, opt, world, args.grad_clip, bad)
         skipped += int(skip)
         step += 1
-        # metrics: means over micro-steps and ranks; noise-level bins as sum / count
-        n_micro = micro + 1
-        red = M.allreduce_metrics({key: v / n_micro for key, v in sums.items()}, world)
-        met = {"loss/total": red["total"], "lr": lr, "grad_norm": gnorm, "skipped": skipped}
-        for o in ("fm", "sem"):
-            if o in red:
-                met[f"loss/{o}"] = red[o]
-            for i in range(10):
-                if red.get(f"{o}_cnt{i}", 0) > 0:
-                    met[f"loss/{o}_bin{i}"] = red[f"{o}_sum{i}"] / red[f"{o}_cnt{i}"]
-        if "caption_words" in red:
-            met["caption/words_mean"], met["caption/tokens_mean"] = red["caption_words"], red["caption_tokens"]
-        bad_all = dict(ds.bad)
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, ds.bad)
-            for b in gathered:
-                bad_all.update(b)
-        new_bad = sorted(set(bad_all) - bad_seen)
-        if new_bad:
-            bad_seen |= set(new_bad)
-            met["data/bad_files"] = new_bad
-            met["data/n_bad"] = len(bad_seen)
-        met["time/step"] = M.allreduce_metrics({"t": time.time() - t0}, world, {"t": "max"})["t"]
-        line = None
-        if step % args.log_every == 0:
-            parts = " ".join(f"{o} {met[f'loss/{o}']:.4f}" for o in ("fm", "sem") if f"loss/{o}" in met)
-            gn = f"{gnorm:.3f}" if gnorm is not None else "skip"
-            line = (f"step {step:6d} | loss {met['loss/total']:.4f} ({parts}) | gnorm {gn} | lr {lr:.2e} | "
-                    f"skipped {skipped} | {met['time/step']:.2f}s")
-        log.log(step, _finite(met), line)
+        met = step_metrics(sums, micro + 1, lr, gnorm, skipped, ds, bad_seen, world)
+        met["time/step"] = T.allreduce_metrics({"t": time.time() - t0}, world, {"t": "max"})["t"]
+        log.log(step, _finite(met), log_line(step, met, lr, gnorm, skipped) if step % args.log_every == 0 else None)
         pbar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(m, args, ds, step, size, device)
         if step % args.save_every == 0 or step == end:
-            M.save_train_state(args.out_dir, m, asdict(args), step, opt, lora_cfg, rank, world, "stage1",
+            T.save_train_state(args.out_dir, m, asdict(args), step, opt, lora_cfg, rank, world, "stage1",
                                transformer_full=args.dit_full)
     pbar.close()
     if world > 1:
@@ -407,6 +366,38 @@ def main(args):
     return m
 
 
+def step_metrics(sums, n_micro, lr, gnorm, skipped, ds, bad_seen, world):
+    """Means over micro-steps and ranks; loss by noise-level bin as sum / count; new bad files."""
+    red = T.allreduce_metrics({key: v / n_micro for key, v in sums.items()}, world)
+    met = {"loss/total": red["total"], "lr": lr, "grad_norm": gnorm, "skipped": skipped}
+    for o in ("fm", "sem"):
+        if o in red:
+            met[f"loss/{o}"] = red[o]
+        for i in range(10):
+            if red.get(f"{o}_cnt{i}", 0) > 0:
+                met[f"loss/{o}_bin{i}"] = red[f"{o}_sum{i}"] / red[f"{o}_cnt{i}"]
+    if "caption_words" in red:
+        met["caption/words_mean"], met["caption/tokens_mean"] = red["caption_words"], red["caption_tokens"]
+    bad_all = dict(ds.bad)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, ds.bad)
+        for b in gathered:
+            bad_all.update(b)
+    new_bad = sorted(set(bad_all) - bad_seen)
+    if new_bad:
+        bad_seen |= set(new_bad)
+        met["data/bad_files"] = new_bad
+        met["data/n_bad"] = len(bad_seen)
+    return met
+
+
+def log_line(step, met, lr, gnorm, skipped):
+    parts = " ".join(f"{o} {met[f'loss/{o}']:.4f}" for o in ("fm", "sem") if f"loss/{o}" in met)
+    gn = f"{gnorm:.3f}" if gnorm is not None else "skip"
+    return (f"step {step:6d} | loss {met['loss/total']:.4f} ({parts}) | gnorm {gn} | lr {lr:.2e} | "
+            f"skipped {skipped} | {met['time/step']:.2f}s")
+
+
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main()

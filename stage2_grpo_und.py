@@ -1,5 +1,5 @@
 """
-Stage 2 — Generation for Understanding: GRPO on the encoder (SPEC §4).
+Stage 2 — Generation for Understanding: GRPO on the encoder (docs/algorithm.md §4).
 
 The LVLM pi_phi (a fresh LoRA on its language model) captions each image G times; the frozen
 pre-stage environment (same LVLM with the adapter off -> projector g -> DiT -> VAE) redraws the
@@ -24,7 +24,7 @@ Where this departs from the paper (which gives no RL hyper-parameters) and from 
 4. Reconstruction is a deterministic Euler ODE from one noise per group (shared by the G
    captions), so reward differences come from the captions, not from the noise.
 5. Advantages use a std floor (CLIP rewards are continuous and groups can be nearly flat).
-6. Data parallel by one flat all-reduce of the LoRA gradients (model.allreduce_grads), not a DDP
+6. Data parallel by one flat all-reduce of the LoRA gradients (training.optimizer_step), not a DDP
    wrapper; the token count that normalises "dapo" is all-reduced, so 2 ranks == 1 rank.
 7. --seed_per_group samples each group under its own seed (one generate call per image) so runs
    are reproducible across rank counts; off by default (all B*G captions in one call).
@@ -32,15 +32,15 @@ Where this departs from the paper (which gives no RL hyper-parameters) and from 
    images, caption seeds and noise every time, so the curve shows the policy and not the draw of
    the batch (training batches differ in difficulty far more than the policy moves in a step).
 """
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 import model as M
+import data as D
+import training as T
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Args:
     reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | dinov2 | ..."})
     reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's real default, 'tiny')"})
     resolution: int = field(default=512, metadata={"help": "image side for the source and the reconstruction"})
-    # GRPO (SPEC §4)
+    # GRPO (docs/algorithm.md §4)
     G: int = field(default=8, metadata={"help": "captions per image (group size)"})
     batch_size: int = field(default=1, metadata={"help": "images per rank per step (rollout batch = batch_size*G)"})
     micro_batch: int = field(default=8, metadata={"help": "captions per policy forward/backward"})
@@ -101,9 +101,11 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # The pure pieces of GRPO (tests import these).
 
-def group_advantages(r, G, scale="group", std_floor=1e-2, eps=1e-4):
-    """SPEC §4: A_i = (r_i - mean_G r) / (max(std_G r, floor) + eps). r (N,) with rows grouped
-    G at a time -> (N,). scale: group | batch (std over the whole batch) | none (no division)."""
+def group_advantages(r, G, *, scale="group", std_floor=1e-2, eps=1e-4):
+    """docs/algorithm.md §4: A_i = (r_i - mean_G r) / (max(std_G r, floor) + eps). r (N,) with rows
+    grouped G at a time -> (N,). scale: group | batch (std over the whole batch) | none (no division).
+    std is the sample std (ddof 1), as TRL's GRPO; stage 3's twin uses the population std, as
+    Flow-GRPO. A flat group gives 0, not NaN."""
     rg = r.view(-1, G)                                  # (B, G)
     centred = rg - rg.mean(1, keepdim=True)
     if scale == "none":
@@ -114,17 +116,17 @@ def group_advantages(r, G, scale="group", std_floor=1e-2, eps=1e-4):
     if G == 1 or (scale == "batch" and r.numel() == 1):
         std = torch.zeros_like(std)
     denom = std.clamp_min(std_floor) + eps
-    return torch.where(denom > 0, centred / denom, torch.zeros_like(centred)).flatten()  # flat group -> 0
+    return torch.where(denom > 0, centred / denom, torch.zeros_like(centred)).flatten()
 
 
 def k3_kl(logp, ref_logp):
-    """SPEC §4: KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (k3 estimator), per token."""
+    """docs/algorithm.md §4: KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (k3 estimator), per token."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
 def grpo_token_loss(logp, logp_old, adv, eps_low=0.2, eps_high=0.2, ref_logp=None, beta=0.0):
-    """SPEC §4 per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta KL_t.
+    """docs/algorithm.md §4 per-token loss: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + beta KL_t.
     logp, logp_old, ref_logp (N, T); adv (N,). Returns (loss (N, T), ratio (N, T), kl or None)."""
     ratio = torch.exp(logp - logp_old)                  # rho_t = pi / pi_old
     A = adv[:, None]
@@ -151,8 +153,7 @@ def aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len):
 def group_noise(shape, seed, step, group_ids, device):
     """One initial noise per group, drawn from (seed, step, global group id): the G captions of a
     group share it, and it does not depend on how groups are split over ranks."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-        ((seed * 1_000_003 + step) * 1_000_003 + int(g)) % 2 ** 63)) for g in group_ids]).to(device)
+    return torch.stack([torch.randn(shape, generator=T.generator(seed, step, g, "group_noise")) for g in group_ids]).to(device)
 
 
 @torch.no_grad()
@@ -166,73 +167,59 @@ def reconstruct(m, texts, noise, neg, args):
 
 # ----------------------------------------------------------------------------------------------
 
-def main(args):
+def main(argv=None):
     import reward as R
-    rank, world, device = M.dist_setup(args.seed)
+    args = T.parse_args(Args, argv)
+    rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ds = M.ImageDataset(args.data, args.resolution)
-    # model: pre-stage weights merged; this stage's LoRA live
-    if args.resume:
-        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
-        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["encoder"]
-    else:
-        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
-                       decoder=args.decoder or None, dtype=dtype, device=device)
-        torch.manual_seed(args.seed)  # the same fresh adapter on every rank
-        lora_cfg = M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS)
-        m.to(device=device, dtype=dtype)
-        torch.manual_seed(args.seed + rank)
-    if args.grad_ckpt:
-        m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds = D.ImageDataset(args.data, args.resolution)
+    m, lora_cfg = setup(args, dtype, device)
+    torch.manual_seed(args.seed + rank)  # unseeded draws (batched generate) differ by rank
     params = [p for p in m.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if args.resume:
-        step, _ = M.load_train_state(args.out_dir, opt, rank, world)
+    step = T.load_train_state(args.out_dir, opt, rank, world)[0] if args.resume else 0
     backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
     with torch.no_grad():
         neg = m.condition([M.NEGATIVE_PROMPT])  # frozen: merged pre-stage weights, adapter off below
-    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
     if master:
-        n_train = sum(p.numel() for p in params)
         print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
-              f"{n_train / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
-    G, skipped = args.G, 0
-    ev = {}
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
+    G, skipped, ev = args.G, 0, {}
     if args.eval_every:
-        ev["ds"] = M.ImageDataset(args.eval_data, args.resolution) if args.eval_data else ds
+        ev["ds"] = D.ImageDataset(args.eval_data, args.resolution) if args.eval_data else ds
         if not args.resume:
             log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage2")
     while step < args.steps:
-        t0 = time.time()
-        idx = M.batch_indices(len(ds), args.batch_size, step, args.seed, rank, world)
+        clock = T.Clock()
+        idx = T.batch_indices(len(ds), args.batch_size, step, args.seed, rank, world)
         gids = [step * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
         x, _, names = ds.batch(idx)
-        x = x.to(device)                                                     # (B, 3, H, W)
-        # 1) rollout: B images x G captions from pi_old = the current policy (KV-cached generate)
+        x = x.to(device)                                                         # (B, 3, H, W)
+        # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached generate
         m.eval()
         gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
         if args.seed_per_group:
-            roll = m.sample_captions_seeded(x, [args.seed * 7919 + gid for gid in gids], **gen)
+            roll = m.sample_captions_seeded(x, [T.seed_of(args.seed, gid, "caption") for gid in gids], **gen)
         else:
-            roll = m.sample_captions(x, **gen)                                # N = B*G rows
-        t1 = time.time()
-        # 2) environment: c = g(H(y)) with the pre-stage encoder, ODE reconstruction, shared noise per group
+            roll = m.sample_captions(x, **gen)                                    # N = B*G rows
+        clock.tick("generate")
+        # 2. Environment: c = g(H(y)) with the pre-stage encoder, ODE redraw from one noise per group
         noise = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, step, gids, device)
         recon = reconstruct(m, roll.texts, noise.repeat_interleave(G, 0), neg, args)   # (N, 3, H, W)
-        t2 = time.time()
-        # 3) reward R(x, x~) = cos(f(x), f(x~)), no grad
+        clock.tick("reconstruct")
+        # 3. Reward: r_i = cos(f(x), f(x~_i)), no grad
         with torch.no_grad():
-            r = backbone.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()  # (N,)
-        t3 = time.time()
-        # 4) group advantages (groups live on this rank: no communication)
-        adv = group_advantages(r, G, args.scale_rewards, args.std_floor)      # (N,)
-        mask = roll.completion_mask                                           # (N, T)
-        N, T = mask.shape
-        n_tok = M.allreduce_metrics({"n": mask.sum().item()}, world)["n"]      # mean tokens per rank
-        # 5) old / reference log-probs (no grad; old only when mu > 1, else logp.detach())
+            r = backbone.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()   # (N,)
+        clock.tick("reward")
+        # 4. Advantage: A_i = (r_i - mean_G r) / (max(std, floor) + eps), groups live on this rank
+        adv = group_advantages(r, G, scale=args.scale_rewards, std_floor=args.std_floor)  # (N,)
+        mask = roll.completion_mask                                               # (N, T)
+        N = mask.shape[0]
+        n_tok = T.allreduce_metrics({"n": mask.sum().item()}, world)["n"]          # mean tokens per rank
+        # 5. Log-probs: old (only when mu > 1, else logp.detach()) and reference (adapter off), no grad
         mbs = [(i, min(i + args.micro_batch, N)) for i in range(0, N, args.micro_batch)]
         old, ref = [None] * len(mbs), [None] * len(mbs)
         with torch.no_grad():
@@ -242,90 +229,109 @@ def main(args):
                 if args.beta > 0:
                     with M.adapters_disabled(m.encoder):
                         ref[k] = m.completion_logprobs(roll.rows(i, j), args.temperature)
-        t4 = time.time()
-        # 6) policy update(s)
-        bad = not torch.isfinite(r).all().item()
-        stats = {"kl": 0.0, "clipfrac": 0.0, "entropy": 0.0, "loss": 0.0, "ratio_max": 0.0, "ratio_min": 1e9}
+        clock.tick("reference")
         m.train()
-        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+        lr = T.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
         for g_ in opt.param_groups:
             g_["lr"] = lr
-        gnorm = 0.0
+        bad, first, gnorm = not torch.isfinite(r).all().item(), [], 0.0
         for it in range(args.mu):
-            opt.zero_grad(set_to_none=True)
             for k, (i, j) in enumerate(mbs):
                 if bad:
                     break
                 sub = roll.rows(i, j)
                 logp, ent = m.completion_logprobs(sub, args.temperature, with_entropy=True)   # (n, T)
                 logp_old = old[k] if old[k] is not None else logp.detach()
+                # 6. Token loss: -min(rho A, clip(rho) A) + beta KL_t (k3, against the adapter-off model)
                 loss_tok, ratio, kl = grpo_token_loss(logp, logp_old, adv[i:j], args.eps_low, args.eps_high, ref[k], args.beta)
-                mk = sub.completion_mask
-                loss = aggregate(loss_tok, mk, args.loss_agg, N, n_tok, args.max_new_tokens)
+                # 7. Aggregate: this micro-batch's share of the batch loss (dapo | grpo | dr_grpo)
+                loss = aggregate(loss_tok, sub.completion_mask, args.loss_agg, N, n_tok, args.max_new_tokens)
                 if not torch.isfinite(loss):
                     bad = True
                     break
                 loss.backward()
-                if it == 0:  # metrics of the first (on-policy) pass, token-weighted
-
-                    stats["loss"] += loss.item()
-                    stats["entropy"] += ((ent * mk).sum() / n_tok).item()
-                    clipped = ((ratio < 1 - args.eps_low) | (ratio > 1 + args.eps_high)).float()
-                    stats["clipfrac"] += ((clipped * mk).sum() / n_tok).item()
-                    if kl is not None:
-                        stats["kl"] += ((kl.detach() * mk).sum() / n_tok).item()
-                    rm = ratio.detach()[mk.bool()]
-                    stats["ratio_max"] = max(stats["ratio_max"], rm.max().item() if rm.numel() else 1.0)
-                    stats["ratio_min"] = min(stats["ratio_min"], rm.min().item() if rm.numel() else 1.0)
-            # every rank must agree on skipping, or the all-reduce below would hang / mix
-            bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
-            if bad:
-                opt.zero_grad(set_to_none=True)
+                if it == 0:  # statistics of the first (on-policy) pass
+                    first.append((loss.detach(), ent, ratio.detach(), kl, sub.completion_mask))
+            # 8. Step: skip agreed on every rank, gradients all-reduced, clipped, AdamW
+            gnorm, skip = T.optimizer_step(params, opt, world, args.grad_clip, bad)
+            if skip:
                 skipped += 1
                 break
-            M.allreduce_grads(params, world)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-            if not math.isfinite(gnorm):
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                break
-            opt.step()
-        t5 = time.time()
+        clock.tick("train")
         step += 1
-        # 7) logs: the aha-moment signals (caption length, reward) and where the time goes
-        lens = mask.sum(1)
-        words = torch.tensor([float(len(t.split())) for t in roll.texts])
-        rg = r.view(-1, G)
-        met = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if N > 1 else 0.0,
-               "reward/flat_group_frac": (rg.std(1) < args.std_floor).float().mean().item() if G > 1 else 1.0,
-               "caption/tokens_mean": lens.float().mean().item(), "caption/tokens_max": lens.max().item(),
-               "caption/words_mean": words.mean().item(), "caption/words_max": words.max().item(),
-               "caption/truncated_frac": roll.truncated.float().mean().item(),
-               "loss/policy": stats["loss"], "loss/kl": stats["kl"], "loss/clipfrac": stats["clipfrac"],
-               "loss/entropy": stats["entropy"], "ratio/max": stats["ratio_max"], "ratio/min": min(stats["ratio_min"], 1e9),
-               "grad_norm": gnorm, "lr": lr, "skipped": float(skipped),
-               "time/generate": t1 - t0, "time/reconstruct": t2 - t1, "time/reward": t3 - t2,
-               "time/reference": t4 - t3, "time/train": t5 - t4, "time/step": t5 - t0}
-        ops = {"caption/tokens_max": "max", "caption/words_max": "max", "ratio/max": "max", "ratio/min": "min",
-               "skipped": "max", "time/step": "max"}
-        met = M.allreduce_metrics(met, world, ops)
+        met = step_metrics(r, roll, first, n_tok, G, args, gnorm, lr, skipped, clock, world)
         if ds.bad:
             met["data/bad_files"] = len(ds.bad)
-        line = (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | len {met['caption/tokens_mean']:6.1f} tok "
-                f"{met['caption/words_mean']:5.1f} w | kl {met['loss/kl']:.4f} | clip {met['loss/clipfrac']:.3f} | "
-                f"ent {met['loss/entropy']:.3f} | gnorm {gnorm:.3f} | {met['time/step']:.2f}s") if step % args.log_every == 0 else None
-        log.log(step, met, line)
+        log.log(step, met, log_line(step, met) if step % args.log_every == 0 else None)
         pbar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(args.out_dir, step, x, recon, roll.texts, r, G, names)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
         if step % args.save_every == 0 or step == args.steps:
-            M.save_train_state(args.out_dir, m, asdict(args), step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
+            T.save_train_state(args.out_dir, m, asdict(args), step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
     return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of main: set-up, metrics, evaluation, samples.
+
+def setup(args, dtype, device):
+    """The policy: pre-stage weights merged, this stage's encoder LoRA live (fresh, the same on
+    every rank; or the checkpoint's with --resume). -> (m, lora_cfg)."""
+    if args.resume:
+        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["encoder"]
+    else:
+        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+                       decoder=args.decoder or None, dtype=dtype, device=device)
+        torch.manual_seed(args.seed)  # the same fresh adapter on every rank
+        lora_cfg = M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS)
+        m.to(device=device, dtype=dtype)
+    if args.grad_ckpt:
+        m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m, lora_cfg
+
+
+def step_metrics(r, roll, first, n_tok, G, args, gnorm, lr, skipped, clock, world):
+    """The aha-moment signals (caption length, reward) and the first pass's loss statistics,
+    token-weighted, all-reduced over ranks."""
+    N = r.shape[0]
+    lens = roll.completion_mask.sum(1)
+    words = torch.tensor([float(len(t.split())) for t in roll.texts])
+    rg = r.view(-1, G)
+    st = {"loss": 0.0, "entropy": 0.0, "clipfrac": 0.0, "kl": 0.0, "ratio_max": 0.0, "ratio_min": 1e9}
+    for loss, ent, ratio, kl, mk in first:
+        st["loss"] += loss.item()
+        st["entropy"] += ((ent * mk).sum() / n_tok).item()
+        clipped = ((ratio < 1 - args.eps_low) | (ratio > 1 + args.eps_high)).float()
+        st["clipfrac"] += ((clipped * mk).sum() / n_tok).item()
+        if kl is not None:
+            st["kl"] += ((kl.detach() * mk).sum() / n_tok).item()
+        rm = ratio[mk.bool()]
+        st["ratio_max"] = max(st["ratio_max"], rm.max().item() if rm.numel() else 1.0)
+        st["ratio_min"] = min(st["ratio_min"], rm.min().item() if rm.numel() else 1.0)
+    met = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if N > 1 else 0.0,
+           "reward/flat_group_frac": (rg.std(1) < args.std_floor).float().mean().item() if G > 1 else 1.0,
+           "caption/tokens_mean": lens.float().mean().item(), "caption/tokens_max": lens.max().item(),
+           "caption/words_mean": words.mean().item(), "caption/words_max": words.max().item(),
+           "caption/truncated_frac": roll.truncated.float().mean().item(),
+           "loss/policy": st["loss"], "loss/kl": st["kl"], "loss/clipfrac": st["clipfrac"],
+           "loss/entropy": st["entropy"], "ratio/max": st["ratio_max"], "ratio/min": st["ratio_min"],
+           "grad_norm": gnorm or 0.0, "lr": lr, "skipped": float(skipped),
+           **clock.times, "time/step": clock.total()}
+    ops = {"caption/tokens_max": "max", "caption/words_max": "max", "ratio/max": "max", "ratio/min": "min",
+           "skipped": "max", "time/step": "max"}
+    return T.allreduce_metrics(met, world, ops)
+
+
+def log_line(step, met):
+    return (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | len {met['caption/tokens_mean']:6.1f} tok "
+            f"{met['caption/words_mean']:5.1f} w | kl {met['loss/kl']:.4f} | clip {met['loss/clipfrac']:.3f} | "
+            f"ent {met['loss/entropy']:.3f} | gnorm {met['grad_norm']:.3f} | {met['time/step']:.2f}s")
 
 
 @torch.no_grad()
@@ -339,16 +345,16 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
         if "x" not in ev:
             x, _, _ = ev["ds"].batch([i % len(ev["ds"]) for i in ids])
             ev["x"] = x.to(device)
-            ev["noise"] = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, -1, ids, device)
+            ev["noise"] = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, "eval", ids, device)
         m.eval()
-        roll = m.sample_captions_seeded(ev["x"], [args.seed * 7919 + 1_000_003 + i for i in ids], G=args.eval_G,
+        roll = m.sample_captions_seeded(ev["x"], [T.seed_of(args.seed, i, "eval_caption") for i in ids], G=args.eval_G,
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                         max_new_tokens=args.max_new_tokens)
         recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
         r = backbone.similarity(ev["x"].repeat_interleave(args.eval_G, 0).float(), recon.float())
         tot = {"r": r.sum().item(), "w": float(sum(len(t.split()) for t in roll.texts)),
                "t": roll.completion_mask.sum().item(), "n": float(len(roll.texts))}
-    s = M.allreduce_metrics(tot, world)
+    s = T.allreduce_metrics(tot, world)
     n = max(s["n"], 1e-9)
     return {"eval/reward": s["r"] / n, "eval/words_mean": s["w"] / n, "eval/tokens_mean": s["t"] / n}
 
@@ -361,12 +367,11 @@ def write_samples(out_dir, step, x, recon, texts, r, G, names):
     cols = [x.cpu()] + [recon.view(B, G, *recon.shape[1:])[:, g].cpu() for g in range(G)]
     best = r.view(B, G).argmax(1)
     labels = [f"best r={r.view(B, G)[b, best[b]]:.3f}: {texts[b * G + int(best[b])]}" for b in range(B)]
-    M.save_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"), cols, labels)
+    D.save_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"), cols, labels)
     with open(os.path.join(out_dir, "samples", f"step{step:06d}.jsonl"), "w") as f:
         for i, t in enumerate(texts):
             f.write(json.dumps({"image": names[i // G], "caption": t, "reward": r[i].item()}) + "\n")
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main()

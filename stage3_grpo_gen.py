@@ -1,5 +1,5 @@
 """
-Stage 3 — Understanding for Generation: Flow-GRPO on the decoder (SPEC §5).
+Stage 3 — Understanding for Generation: Flow-GRPO on the decoder (docs/algorithm.md §5).
 
 The frozen encoder captions each image once; c = g(H(caption)) is the condition; the policy (the
 SD3 DiT with a fresh LoRA) draws G images from c with a stochastic (SDE) sampler, each from its
@@ -26,14 +26,14 @@ Where this departs from the paper (which gives no RL details for this stage) and
    group (Flow-GRPO: 24 spread over GPUs) because a group lives on one rank here.
 2. The prompt is not a text prompt but the image's own caption by the frozen encoder (sampled
    once, temperature 0.7 as the released demo), and the reward is similarity to that image.
-3. std_i at s = 1 uses s_1 in place of s in both places of sqrt(s / (1 - s)) (SPEC §5, read
+3. std_i at s = 1 uses s_1 in place of s in both places of sqrt(s / (1 - s)) (docs/algorithm.md §5, read
    literally); Flow-GRPO's code replaces it only in the denominator. The two differ by sqrt(s_1)
    (~0.98) at the first step only.
 4. Advantages use the population std of the group (Flow-GRPO's per-prompt tracker) with a std
    floor (default 1e-3; Flow-GRPO has none) so that near-flat groups do not amplify noise.
    No per-prompt history across steps (each image appears as one fresh group).
 5. No EMA of the LoRA weights and no reward-model-specific tricks (Flow-GRPO has an EMA option).
-6. Data parallel by one flat all-reduce of the LoRA gradients (model.allreduce_grads), not DDP.
+6. Data parallel by one flat all-reduce of the LoRA gradients (training.optimizer_step), not DDP.
    Every random draw (caption sampling, initial and SDE noise, the trained step subset) comes
    from a generator seeded by (seed, step, global group id), so N ranks == 1 rank with the same
    global batch, and --resume continues exactly. Captions are therefore sampled one image per
@@ -41,25 +41,25 @@ Where this departs from the paper (which gives no RL details for this stage) and
 7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration (Flow-GRPO
    permutes timesteps per sample in some versions); each trained step gets its own backward.
 
-Flow convention (SPEC §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
-v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (model.sigmas, the scheduler's
+Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
+v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
 shift); dt = s_{i+1} - s_i < 0.
 """
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import model as M
+import data as D
+import training as T
 
 
 @dataclass
 class Args:
-    preset: str = field(default="real", metadata={"help": "base models when --init is empty: tiny | real"})
+    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
     encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
     decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
     init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1/2 out_dir); '' = base"})
@@ -68,7 +68,7 @@ class Args:
     reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | ..."})
     reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's default, 'tiny')"})
     resolution: int = field(default=512, metadata={"help": "image side of source and samples (Flow-GRPO: 512; tiny: 64)"})
-    # Flow-GRPO (SPEC §5)
+    # Flow-GRPO (docs/algorithm.md §5)
     G: int = field(default=8, metadata={"help": "images sampled per caption (group size)"})
     groups: int = field(default=1, metadata={"help": "groups (source images) per rank per step"})
     sample_steps: int = field(default=10, metadata={"help": "SDE sampling steps for training"})
@@ -112,14 +112,14 @@ class Args:
 # The pure pieces of Flow-GRPO (tests import these).
 
 def sde_step(x, v, s, s_next, a, noise=None, prev_sample=None, s_for_std=None):
-    """One transition x_s -> x_{s_next} of Flow-GRPO's SDE (SPEC §5), fp32.
+    """One transition x_s -> x_{s_next} of Flow-GRPO's SDE (docs/algorithm.md §5), fp32.
     Convention: x_s = (1 - s) x0 + s eps, v = eps - x0 (the DiT at timestep 1000 s), dt = s_next - s < 0.
         std  = a sqrt(s' / (1 - s'))   with s' = s_for_std (pass s_1 when s = 1) else s
         mean = x + [v + std^2 / (2 s) (x + (1 - s) v)] dt
         x'   = mean + std sqrt(-dt) eps
         log p(x' | x) = log N(x'; mean, std^2 |dt|), averaged over the latent dims -> (N,)
     prev_sample given: its log-prob under this step's mean (training); else x' is drawn with
-    `noise` (N, ...) ~ N(0, 1). Pass s, s_next as 0-d fp32 tensors from model.sigmas: with a = 0
+    `noise` (N, ...) ~ N(0, 1). Pass s, s_next as 0-d fp32 tensors from UAE.sigmas: with a = 0
     this is then exactly model.UAE.sample_ode's Euler step `x + v * (s_next - s)`, bit for bit,
     and the log-prob is undefined (zero variance): zeros are returned, std is 0.
     -> (x_next, log_prob (N,), mean, std)."""
@@ -142,7 +142,7 @@ def sde_step(x, v, s, s_next, a, noise=None, prev_sample=None, s_for_std=None):
 
 
 def sigma_for_std(sig, i):
-    """SPEC §5: at s = 1 (std infinite) use the first sigma below 1."""
+    """docs/algorithm.md §5: at s = 1 (std infinite) use the first sigma below 1."""
     return sig[1] if sig[i] >= 1 else sig[i]
 
 
@@ -176,10 +176,11 @@ def sde_sample(m, noise, cond, neg, sigmas, a, cfg, generator):
     return x, torch.stack(traj, 1), torch.stack(lps, 1)
 
 
-def group_advantages(r, G, scale="group", eps=1e-4, std_floor=1e-3, clip=None):
-    """SPEC §5 / Flow-GRPO: A_i = (r_i - mean_G r) / (max(std, std_floor) + eps), std the
-    population std of the group (scale=group), of the whole batch (batch), or no division (none);
-    then clamped to +-clip. r (N,) with rows grouped G at a time -> (N,)."""
+def group_advantages(r, G, *, scale="group", std_floor=1e-3, eps=1e-4, clip=None):
+    """docs/algorithm.md §5 / Flow-GRPO: A_i = (r_i - mean_G r) / (max(std, std_floor) + eps), then
+    clamped to +-clip. std is the population std (ddof 0) of the group (scale=group), of the whole
+    batch (batch), or no division (none), as Flow-GRPO's per-prompt stat tracker; stage 2's twin
+    uses the sample std, as TRL. r (N,) with rows grouped G at a time -> (N,)."""
     rg = r.float().view(-1, G)                               # (B, G)
     A = rg - rg.mean(1, keepdim=True)
     if scale == "group":
@@ -193,12 +194,12 @@ def group_advantages(r, G, scale="group", eps=1e-4, std_floor=1e-3, clip=None):
 
 
 def sde_kl(mean, mean_ref, std):
-    """SPEC §5 (Flow-GRPO's form): KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2) -> (N,)."""
+    """docs/algorithm.md §5 (Flow-GRPO's form): KL = mean over latent dims of (mean_theta - mean_ref)^2 / (2 std^2) -> (N,)."""
     return ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std ** 2)
 
 
 def flow_grpo_loss(logp, logp_old, adv, eps_clip, kl=None, beta=0.0):
-    """SPEC §5 per-step loss: mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))) + beta mean(KL),
+    """docs/algorithm.md §5 per-step loss: mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))) + beta mean(KL),
     rho = exp(logp - logp_old). All (N,). -> (loss, stats of detached tensors)."""
     ratio = torch.exp(logp - logp_old)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_clip, 1 + eps_clip)).mean()
@@ -209,18 +210,13 @@ def flow_grpo_loss(logp, logp_old, adv, eps_clip, kl=None, beta=0.0):
     return loss, stats
 
 
-def seed_of(*keys):
-    """A 63-bit seed from integer keys (seed, step, global group id, purpose)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def trained_steps(n_steps, frac, seed, step):
     """Step indices trained this iteration: all but the last (frac >= 1), or a seeded random subset."""
     cand = list(range(n_steps - 1)) or [0]
     if frac >= 1:
         return cand
     k = max(1, round(frac * len(cand)))
-    perm = torch.randperm(len(cand), generator=torch.Generator().manual_seed(seed_of(seed, step, 0, 3)))
+    perm = torch.randperm(len(cand), generator=T.generator(seed, step, "train_steps"))
     return sorted(cand[i] for i in perm[:k].tolist())
 
 
@@ -232,14 +228,118 @@ def caption_groups(m, x, seeds, args):
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
     import reward as R
-    args = argv if isinstance(argv, Args) else HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
-    rank, world, device = M.dist_setup(args.seed)
+    args = T.parse_args(Args, argv)
+    rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ds = M.ImageDataset(args.data, args.resolution)
-    # model: earlier stages merged (encoder and projector frozen); this stage's DiT LoRA live
+    ds = D.ImageDataset(args.data, args.resolution)
+    m, lora_cfg = setup(args, dtype, device)
+    params = [p for p in m.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    step, skipped = 0, 0
+    if args.resume:
+        step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
+        skipped = st_meta.get("skipped", 0)
+    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
+    with torch.no_grad():
+        neg = m.condition([args.negative_prompt]) if args.cfg != 1.0 else None   # frozen (1, L, D)
+    sig = m.sigmas(args.sample_steps)                                             # (steps+1,) s_0 = 1 ... 0
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    if master:
+        print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
+    G, ev = args.G, {}
+    if args.eval_every and not args.resume:
+        log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+    pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
+    while step < args.steps:
+        clock = T.Clock()
+        idx = T.batch_indices(len(ds), args.groups, step, args.seed, rank, world)
+        gids = [step * args.groups * world + rank * args.groups + k for k in range(args.groups)]
+        x, _, names = ds.batch(idx)
+        x = x.to(device)                                                          # (B, 3, H, W)
+        # 1. Caption: once per image with the frozen encoder; c = g(H(y)), frozen
+        caps = caption_groups(m, x, [T.seed_of(args.seed, step, g, "caption") for g in gids], args)
+        with torch.no_grad():
+            cond = m.condition(caps).repeat_interleave(G)                         # (N, L, D), N = B*G
+        clock.tick("caption")
+        # 2. Sample: G images per caption with the SDE sampler (own initial and step noise), trajectory kept
+        gens = [T.generator(args.seed, step, gid, "sde_noise") for gid in gids]
+        shape = (len(gids) * G,) + m.latent_shape(args.resolution, args.resolution)
+        noise = _randn(shape, gens, device)
+        z, traj, logp_old = sde_sample(m, noise, cond, neg, sig, args.noise_level, args.cfg, gens)
+        clock.tick("sample")
+        with torch.no_grad():
+            recon = m.vae_decode(z)                                               # (N, 3, H, W)
+        clock.tick("decode")
+        # 3. Reward: r = cos(f(x), f(x~)), no grad; gathered so that every rank sees the whole batch
+        with torch.no_grad():
+            r = backbone.similarity(x.float().repeat_interleave(G, 0), recon.float()).float()   # (N,)
+        r_all = T.gather(r, world)
+        clock.tick("reward")
+        # 4. Advantage: (r - mean_G r) / (max(std_G r, floor) + eps), clamped to +-adv_clip
+        bad = not torch.isfinite(r_all).all().item()
+        N = r.shape[0]
+        adv = group_advantages(r_all.nan_to_num(0.0), G, scale=args.scale_rewards, std_floor=args.std_floor,
+                               clip=args.adv_clip)[rank * N:(rank + 1) * N]
+        js = trained_steps(args.sample_steps, args.train_frac, args.seed, step)
+        lr = T.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
+        for g_ in opt.param_groups:
+            g_["lr"] = lr
+        first, gnorm = [], 0.0
+        for it in range(args.mu):
+            for j in js:
+                if bad:
+                    break
+                # 5. Transition log-prob: the policy's step j recomputed on the stored trajectory
+                xj, xn = traj[:, j].contiguous(), traj[:, j + 1].contiguous()
+                _, logp, mean, std = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
+                # 6. KL to the reference (adapter off): mean (mean_theta - mean_ref)^2 / (2 std^2)
+                kl = None
+                if args.beta > 0:
+                    with torch.no_grad(), M.adapters_disabled(m.transformer):
+                        _, _, mean_ref, _ = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
+                    kl = sde_kl(mean, mean_ref, std)
+                # 7. Loss: max(-A rho, -A clip(rho)) + beta KL, one backward per trained step
+                loss, s = flow_grpo_loss(logp, logp_old[:, j], adv, args.eps_clip, kl, args.beta)
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                (loss / len(js)).backward()
+                if it == 0:  # statistics of the first (on-policy) pass
+                    first.append((j, loss.detach(), s))
+            # 8. Step: skip agreed on every rank, gradients all-reduced, clipped, AdamW
+            gnorm, skip = T.optimizer_step(params, opt, world, args.grad_clip, bad)
+            if skip:
+                skipped += 1
+                break
+        clock.tick("train")
+        step += 1
+        met = step_metrics(r_all, adv, logp_old, first, js, caps, args, gnorm, lr, skipped, clock, world)
+        if ds.bad:
+            met["data/bad_files"] = len(ds.bad)
+        log.log(step, met, log_line(step, met, skipped) if step % args.log_every == 0 else None)
+        pbar.update(1)
+        if master and args.sample_every and step % args.sample_every == 0:
+            write_samples(os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), x, recon, caps, r, G)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+        if step % args.save_every == 0 or step == args.steps:
+            T.save_train_state(args.out_dir, m, asdict(args), step, opt, {"transformer": lora_cfg}, rank, world,
+                               "stage3", extra_meta={"skipped": skipped})
+    pbar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of main: set-up, metrics, evaluation, samples.
+
+def setup(args, dtype, device):
+    """The policy: earlier stages merged (encoder and projector frozen), this stage's DiT LoRA live
+    (fresh, the same on every rank; or the checkpoint's with --resume). -> (m, lora_cfg)."""
     if args.resume:
         m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
         meta, tensors = M.read_checkpoint(args.out_dir)
@@ -259,145 +359,42 @@ def main(argv=None):
         m.transformer.load_state_dict({k[len(live):]: v for k, v in tensors.items() if k.startswith(live)}, strict=False)
     if args.grad_ckpt:
         m.transformer.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    step, skipped = 0, 0
-    if args.resume:
-        step, st_meta = M.load_train_state(args.out_dir, opt, rank, world)
-        skipped = st_meta.get("skipped", 0)
-    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
-    with torch.no_grad():
-        neg = m.condition([args.negative_prompt]) if args.cfg != 1.0 else None   # frozen (1, L, D)
-    sig = m.sigmas(args.sample_steps)                                             # (steps+1,) s_0 = 1 ... 0
-    log = M.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
-    if master:
-        print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
-    G, ev = args.G, {}
-    if args.eval_every and not args.resume:
-        log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
-    pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
-    while step < args.steps:
-        t0 = time.time()
-        idx = M.batch_indices(len(ds), args.groups, step, args.seed, rank, world)
-        gids = [step * args.groups * world + rank * args.groups + k for k in range(args.groups)]
-        x, _, names = ds.batch(idx)
-        x = x.to(device)                                                          # (B, 3, H, W)
-        # 1) caption once with the frozen encoder; c = g(H(y)) (frozen)
-        caps = caption_groups(m, x, [seed_of(args.seed, step, g, 0) for g in gids], args)
-        with torch.no_grad():
-            cond = m.condition(caps).repeat_interleave(G)                         # (N, L, D), N = B*G
-        t1 = time.time()
-        # 2) G samples per caption with the SDE sampler, each its own initial and step noise
-        gens = [torch.Generator().manual_seed(seed_of(args.seed, step, gid, 1)) for gid in gids]
-        shape = (len(gids) * G,) + m.latent_shape(args.resolution, args.resolution)
-        noise = _randn(shape, gens, device)
-        z, traj, logp_old = sde_sample(m, noise, cond, neg, sig, args.noise_level, args.cfg, gens)
-        t2 = time.time()
-        with torch.no_grad():
-            recon = m.vae_decode(z)                                               # (N, 3, H, W)
-        t3 = time.time()
-        # 3) reward R(x, x~) = cos(f(x), f(x~)), no grad; gathered so that every rank sees the batch
-        with torch.no_grad():
-            r = backbone.similarity(x.float().repeat_interleave(G, 0), recon.float()).float()   # (N,)
-        r_all = gather(r, world)
-        t4 = time.time()
-        # 4) advantages per group (SPEC §5: (r - mean_G) / (std_G + eps), clamped to +-adv_clip)
-        bad = not torch.isfinite(r_all).all().item()
-        N = r.shape[0]
-        adv = group_advantages(r_all.nan_to_num(0.0), G, args.scale_rewards, 1e-4, args.std_floor,
-                               args.adv_clip)[rank * N:(rank + 1) * N]
-        # 5) Flow-GRPO update(s): one backward per trained step (trajectories kept, not graphs)
-        js = trained_steps(args.sample_steps, args.train_frac, args.seed, step)
-        lr = M.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
-        for g_ in opt.param_groups:
-            g_["lr"] = lr
-        st = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "ratio/mean": 0.0,
-              "ratio/min": 1.0, "ratio/max": 1.0, **{f"loss/step_{j}": 0.0 for j in js}}
-        gnorm = 0.0
-        for it in range(args.mu):
-            opt.zero_grad(set_to_none=True)
-            rmin, rmax = math.inf, -math.inf
-            for j in js:
-                if bad:
-                    break
-                xj, xn = traj[:, j].contiguous(), traj[:, j + 1].contiguous()
-                _, logp, mean, std = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
-                kl = None
-                if args.beta > 0:
-                    with torch.no_grad(), M.adapters_disabled(m.transformer):
-                        _, _, mean_ref, _ = transition(m, xj, j, sig, cond, neg, args.noise_level, args.cfg, prev_sample=xn)
-                    kl = sde_kl(mean, mean_ref, std)
-                loss, s = flow_grpo_loss(logp, logp_old[:, j], adv, args.eps_clip, kl, args.beta)
-                if not torch.isfinite(loss):
-                    bad = True
-                    break
-                (loss / len(js)).backward()
-                if it == 0:  # metrics of the first (on-policy) pass, averaged over trained steps
-                    st[f"loss/step_{j}"] = loss.item()
-                    for k in ("policy", "kl", "clipfrac"):
-                        st[f"loss/{k}"] += s[k].item() / len(js)
-                    st["ratio/mean"] += s["ratio"].mean().item() / len(js)
-                    rmin, rmax = min(rmin, s["ratio"].min().item()), max(rmax, s["ratio"].max().item())
-            if it == 0 and not bad:
-                st["ratio/min"], st["ratio/max"] = rmin, rmax
-            # every rank must agree on skipping, or the all-reduce below would hang / mix
-            bad = M.allreduce_metrics({"bad": float(bad)}, world, {"bad": "max"})["bad"] > 0
-            if bad:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                break
-            M.allreduce_grads(params, world)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-            if not math.isfinite(gnorm):
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                break
-            opt.step()
-        t5 = time.time()
-        step += 1
-        # 6) logs (rank 0), all-reduced over ranks
-        rf = r_all[torch.isfinite(r_all)]
-        rg = r_all.view(-1, G)
-        met = {"reward/mean": rf.mean().item() if rf.numel() else float("nan"),
-               "reward/std": rf.std(unbiased=False).item() if rf.numel() else float("nan"),
-               "reward/flat_group_frac": (rg.std(1, unbiased=False) <= max(args.std_floor, 1e-6)).float().mean().item(),
-               "adv/abs_mean": adv.abs().mean().item(), "logp/mean": logp_old.mean().item(),
-               **{k: (v if math.isfinite(v) else 0.0) for k, v in st.items()},
-               "loss/total": sum(st[f"loss/step_{j}"] for j in js) / len(js),
-               "caption/words_mean": sum(len(c.split()) for c in caps) / len(caps),
-               "grad_norm": gnorm, "lr": lr, "skipped": float(skipped),
-               "time/caption": t1 - t0, "time/sample": t2 - t1, "time/decode": t3 - t2, "time/reward": t4 - t3,
-               "time/train": t5 - t4, "time/total": t5 - t0}
-        ops = {"ratio/max": "max", "ratio/min": "min", "skipped": "max", "time/total": "max"}
-        met = M.allreduce_metrics(met, world, ops)
-        if ds.bad:
-            met["data/bad_files"] = len(ds.bad)
-        line = (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | loss {met['loss/total']:+.5f} "
-                f"| kl {met['loss/kl']:.3g} | clip {met['loss/clipfrac']:.3f} | ratio [{met['ratio/min']:.4f}, {met['ratio/max']:.4f}] "
-                f"| gnorm {gnorm:.3f} | skipped {skipped} | {met['time/total']:.2f}s") if step % args.log_every == 0 else None
-        log.log(step, met, line)
-        pbar.update(1)
-        if master and args.sample_every and step % args.sample_every == 0:
-            write_samples(os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), x, recon, caps, r, G)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
-        if step % args.save_every == 0 or step == args.steps:
-            M.save_train_state(args.out_dir, m, asdict(args), step, opt, {"transformer": lora_cfg}, rank, world,
-                               "stage3", extra_meta={"skipped": skipped})
-    pbar.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return m
+    return m, lora_cfg
 
 
-def gather(t, world):
-    """All ranks' (N,) tensors concatenated in rank order (groups stay whole on their rank)."""
-    if world == 1:
-        return t
-    import torch.distributed as dist
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+def step_metrics(r_all, adv, logp_old, first, js, caps, args, gnorm, lr, skipped, clock, world):
+    """Reward, advantage and first-pass loss statistics (averaged over trained steps), all-reduced."""
+    G = args.G
+    st = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/clipfrac": 0.0, "ratio/mean": 0.0, "ratio/min": 1.0,
+          "ratio/max": 1.0, **{f"loss/step_{j}": 0.0 for j in js}}
+    if first:
+        st["ratio/min"], st["ratio/max"] = math.inf, -math.inf
+    for j, loss, s in first:
+        st[f"loss/step_{j}"] = loss.item()
+        for k in ("policy", "kl", "clipfrac"):
+            st[f"loss/{k}"] += s[k].item() / len(js)
+        st["ratio/mean"] += s["ratio"].mean().item() / len(js)
+        st["ratio/min"], st["ratio/max"] = min(st["ratio/min"], s["ratio"].min().item()), max(st["ratio/max"], s["ratio"].max().item())
+    if len(first) < len(js):  # a skipped step: no complete first pass
+        st["ratio/min"], st["ratio/max"] = 1.0, 1.0
+    rf = r_all[torch.isfinite(r_all)]
+    rg = r_all.view(-1, G)
+    met = {"reward/mean": rf.mean().item() if rf.numel() else float("nan"),
+           "reward/std": rf.std(unbiased=False).item() if rf.numel() else float("nan"),
+           "reward/flat_group_frac": (rg.std(1, unbiased=False) <= max(args.std_floor, 1e-6)).float().mean().item(),
+           "adv/abs_mean": adv.abs().mean().item(), "logp/mean": logp_old.mean().item(),
+           **{k: (v if math.isfinite(v) else 0.0) for k, v in st.items()},
+           "loss/total": sum(st[f"loss/step_{j}"] for j in js) / len(js),
+           "caption/words_mean": sum(len(c.split()) for c in caps) / len(caps),
+           "grad_norm": gnorm or 0.0, "lr": lr, "skipped": float(skipped), **clock.times, "time/total": clock.total()}
+    ops = {"ratio/max": "max", "ratio/min": "min", "skipped": "max", "time/total": "max"}
+    return T.allreduce_metrics(met, world, ops)
+
+
+def log_line(step, met, skipped):
+    return (f"step {step:5d} | reward {met['reward/mean']:.4f} ± {met['reward/std']:.4f} | loss {met['loss/total']:+.5f} "
+            f"| kl {met['loss/kl']:.3g} | clip {met['loss/clipfrac']:.3f} | ratio [{met['ratio/min']:.4f}, {met['ratio/max']:.4f}] "
+            f"| gnorm {met['grad_norm']:.3f} | skipped {skipped} | {met['time/total']:.2f}s")
 
 
 @torch.no_grad()
@@ -408,15 +405,15 @@ def evaluate(m, ds, neg, backbone, args, rank, world, device, cache):
     ids = [i for i in range(args.eval_images) if i % world == rank]
     if "cond" not in cache and ids:
         x, _, _ = ds.batch(ids)
-        caps = caption_groups(m, x.to(device), [seed_of(args.seed, i, 0, 5) for i in ids], args)
+        caps = caption_groups(m, x.to(device), [T.seed_of(args.seed, i, "eval_caption") for i in ids], args)
         cache.update(x=x.to(device), cond=m.condition(caps), noise=torch.cat([
             torch.randn((1,) + m.latent_shape(args.resolution, args.resolution),
-                        generator=torch.Generator().manual_seed(seed_of(args.seed, i, 0, 4))) for i in ids]).to(device))
+                        generator=T.generator(args.seed, i, "eval_noise")) for i in ids]).to(device))
     tot = 0.0
     if ids:
         z = m.sample_ode(cache["noise"], cache["cond"], neg, args.eval_steps, args.cfg)
         tot = backbone.similarity(cache["x"].float(), m.vae_decode(z).float()).sum().item()
-    s = M.allreduce_metrics({"sum": tot, "n": float(len(ids))}, world)
+    s = T.allreduce_metrics({"sum": tot, "n": float(len(ids))}, world)
     return {"eval/reward": s["sum"] / max(s["n"], 1e-9)}
 
 
@@ -425,7 +422,7 @@ def write_samples(path, x, recon, caps, r, G):
     B = x.shape[0]
     cols = [x] + [recon.view(B, G, *recon.shape[1:])[:, g] for g in range(G)]
     rg = r.view(B, G).tolist()
-    M.save_grid(path, cols, [f"r: {' '.join(f'{v:.3f}' for v in rg[b])} | {caps[b]}" for b in range(B)])
+    D.save_grid(path, cols, [f"r: {' '.join(f'{v:.3f}' for v in rg[b])} | {caps[b]}" for b in range(B)])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
 import model as M
+import training as T
 
 
 def test_tiny_preset_round_trip_is_exact(tiny_paths, tmp_path):
@@ -227,36 +229,36 @@ def test_load_image_modes_and_errors(tmp_path):
     Image.new("L", (20, 20), 128).save(tmp_path / "l.jpg")
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     for f in ("rgba.png", "g16.png", "p.gif", "l.jpg"):
-        x = M.load_image(str(tmp_path / f), 32)
+        x = D.load_image(str(tmp_path / f), 32)
         assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1, f
-    assert torch.allclose(M.load_image(str(tmp_path / "rgba.png"), 8), torch.ones(3, 8, 8))  # transparent -> white
-    assert M.load_image(str(tmp_path / "g16.png"), 32).std() > 0.1                           # 16-bit rescaled
-    with pytest.raises(M.ImageError, match="bad.png"):
-        M.load_image(str(tmp_path / "bad.png"), 32)
-    ds = M.ImageDataset(str(tmp_path), 16)
+    assert torch.allclose(D.load_image(str(tmp_path / "rgba.png"), 8), torch.ones(3, 8, 8))  # transparent -> white
+    assert D.load_image(str(tmp_path / "g16.png"), 32).std() > 0.1                           # 16-bit rescaled
+    with pytest.raises(D.ImageError, match="bad.png"):
+        D.load_image(str(tmp_path / "bad.png"), 32)
+    ds = D.ImageDataset(str(tmp_path), 16)
     x, caps, names = ds.batch(range(len(ds)))
     assert len(names) == len(ds) and str(tmp_path / "bad.png") in ds.bad
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        M.ImageDataset(str(tmp_path / "nowhere"), 16)
+        D.ImageDataset(str(tmp_path / "nowhere"), 16)
 
 
 def test_jsonl_dataset_and_missing_captions(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "red"}) + "\n" + json.dumps({"image": "a.png"}) + "\n")
-    ds = M.ImageDataset(str(tmp_path / "d.jsonl"), 8)
+    ds = D.ImageDataset(str(tmp_path / "d.jsonl"), 8)
     assert ds.items[0][1] == "red"
     with pytest.raises(ValueError, match="no caption"):
-        M.ImageDataset(str(tmp_path / "d.jsonl"), 8, need_captions=True)
+        D.ImageDataset(str(tmp_path / "d.jsonl"), 8, need_captions=True)
     (tmp_path / "e.jsonl").write_text("{broken\n")
     with pytest.raises(ValueError, match="e.jsonl:1"):
-        M.ImageDataset(str(tmp_path / "e.jsonl"), 8)
+        D.ImageDataset(str(tmp_path / "e.jsonl"), 8)
 
 
 def test_batch_indices_split_the_global_batch():
-    one = M.batch_indices(10, 4, 3, seed=0)
-    two = M.batch_indices(10, 2, 3, seed=0, rank=0, world=2) + M.batch_indices(10, 2, 3, seed=0, rank=1, world=2)
+    one = T.batch_indices(10, 4, 3, seed=0)
+    two = T.batch_indices(10, 2, 3, seed=0, rank=0, world=2) + T.batch_indices(10, 2, 3, seed=0, rank=1, world=2)
     assert one == two
-    epoch = sum((M.batch_indices(10, 5, s, 0) for s in range(2)), [])
+    epoch = sum((T.batch_indices(10, 5, s, 0) for s in range(2)), [])
     assert sorted(epoch) == list(range(10))
 
 

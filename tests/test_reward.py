@@ -91,7 +91,7 @@ def test_tiny_is_small_and_safetensors_only(built, name):
 
 
 def test_spec_preprocessing_per_backbone(backbones):
-    """SPEC §7: resize mode, interpolation and normalisation of each backbone."""
+    """docs/algorithm.md §7: resize mode, interpolation and normalisation of each backbone."""
     c, lc, d2, d3 = (backbones[n] for n in reward.BENCH_BACKBONES)
     for bb in (c, lc):
         assert (bb.short, bb.interp, bb.mean, bb.std) == (bb.size, "bicubic", reward.CLIP_MEAN, reward.CLIP_STD)

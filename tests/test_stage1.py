@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import model as M
+import training as T
 import stage1_coldstart as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def make_jsonl(d, n=4, captions=True):
 
 def args_for(**kw):
     base = dict(preset="tiny", objective="fm", reward="pixel", temperature=0.0, max_new_tokens=8, lora_r=4,
-                lora_alpha=8, batch_size=2, steps=2, lr=1e-3, warmup=0, lr_schedule="constant", sample_every=0,
+                lora_alpha=8, batch_size=2, steps=2, lr=1e-3, warmup=0, schedule="constant", sample_every=0,
                 save_every=100, seed=0)
     base.update(kw)
     return S.Args(**base)
@@ -114,7 +115,7 @@ def test_semantic_loss():
 def train_fixed(a, x, caps, n):
     """n updates on one fixed batch and fixed noise (micro-step 0); -> losses, m, params."""
     m, params, _ = S.setup(a, torch.device("cpu"))
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
     backbone = None
     if "sem" in a.objective:
         import reward
@@ -123,7 +124,7 @@ def train_fixed(a, x, caps, n):
     for _ in range(n):
         loss, st = S.micro_losses(m, a, backbone, x, caps, 0, list(range(len(x))))
         loss.backward()
-        _, skipped = S.update(params, opt, 1, a.grad_clip)
+        _, skipped = T.optimizer_step(params, opt, 1, a.grad_clip)
         assert not skipped
         losses.append(st)
     return losses, m, params
@@ -154,7 +155,7 @@ def test_only_intended_parameters_change(tiny_paths, images):
     for k in range(2):
         loss, _ = S.micro_losses(m, a, reward.load_backbone("pixel"), images, ["a cat", "a dog"], k, [0, 1])
         loss.backward()
-        assert not S.update(params, opt, 1, 1.0)[1]
+        assert not T.optimizer_step(params, opt, 1, 1.0)[1]
     after = _snapshot(m)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     frozen = [n for n in before if n not in trainable]
@@ -173,7 +174,7 @@ def test_dit_full_trains_dit_not_encoder(tiny_paths, images):
     opt = torch.optim.AdamW(params, lr=1e-3)
     loss, _ = S.micro_losses(m, a, None, images, ["a cat", "a dog"], 0, [0, 1])
     loss.backward()
-    S.update(params, opt, 1, 1.0)
+    T.optimizer_step(params, opt, 1, 1.0)
     after = _snapshot(m)
     changed = {n.split(".")[0] for n in before if not torch.equal(before[n], after[n])}
     assert changed == {"transformer", "projector"}
@@ -208,11 +209,11 @@ def test_nonfinite_step_is_skipped(tiny_paths, images):
     x[0, 0, 0, 0] = float("nan")
     loss, _ = S.micro_losses(m, a, None, x, ["a cat", "a dog"], 0, [0, 1])
     assert not torch.isfinite(loss)
-    assert S.update(params, opt, 1, 1.0, bad=True) == (None, True)
+    assert T.optimizer_step(params, opt, 1, 1.0, bad=True) == (None, True)
     loss, _ = S.micro_losses(m, a, None, images, ["a cat", "a dog"], 0, [0, 1])
     loss.backward()
     params[0].grad[0] = float("inf")                                     # finite loss, non-finite gradient
-    gn, skipped = S.update(params, opt, 1, 1.0)
+    gn, skipped = T.optimizer_step(params, opt, 1, 1.0)
     assert skipped and gn is None and not opt.state
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
     assert all(p.grad is None for p in params)
@@ -280,7 +281,7 @@ def test_bad_images_reported_and_skipped(tmp_path, tiny_paths):
 def test_resume_equals_uninterrupted(tmp_path, tiny_paths):
     data = make_jsonl(str(tmp_path / "d"), 6)
     a = args_for(objective="fm+sem", temperature=0.7, data=data, steps=4, save_every=2, train_encoder_lora=True,
-                 lr_schedule="cosine", warmup=1)
+                 schedule="cosine", warmup=1)
     run = lambda extra, out: subprocess.Popen([sys.executable, os.path.join(ROOT, "stage1_coldstart.py")] + cli(a) +
                                               ["--out_dir", out] + extra, env=env(), cwd=str(tmp_path),
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

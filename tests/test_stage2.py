@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
 import model as M
 import stage2_grpo_und as S
 
@@ -17,19 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_group_advantages_known_values():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
-    a = S.group_advantages(r, 4, "group", std_floor=0.0, eps=0.0)
+    a = S.group_advantages(r, 4, scale="group", std_floor=0.0, eps=0.0)
     s = torch.tensor([1.0, 2, 3, 4]).std()
     assert torch.allclose(a[:4], (torch.tensor([1.0, 2, 3, 4]) - 2.5) / s)
     assert torch.equal(a[4:], torch.zeros(4))                    # a flat group gives zeros, not NaN
     assert torch.isfinite(S.group_advantages(torch.full((8,), 0.3), 4)).all()
-    assert torch.allclose(S.group_advantages(r, 4, "none"), torch.tensor([-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]))
-    b = S.group_advantages(r, 4, "batch", std_floor=0.0, eps=0.0)
+    assert torch.allclose(S.group_advantages(r, 4, scale="none"), torch.tensor([-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]))
+    b = S.group_advantages(r, 4, scale="batch", std_floor=0.0, eps=0.0)
     assert torch.allclose(b[:4], (torch.tensor([1.0, 2, 3, 4]) - 2.5) / r.std())
     # the floor keeps nearly-flat CLIP groups from blowing up tiny differences
     tiny = torch.tensor([0.9000, 0.9001, 0.9000, 0.9001])
     assert S.group_advantages(tiny, 4, std_floor=1e-2).abs().max() < 0.01
     with pytest.raises(ValueError, match="scale_rewards"):
-        S.group_advantages(r, 4, "groups")
+        S.group_advantages(r, 4, scale="groups")
 
 
 def test_k3_kl_and_clip():
@@ -151,7 +152,7 @@ def test_grpo_raises_the_reward_of_an_environment_that_reads_captions(tmp_path, 
 
     def reading_env(m, texts, noise, neg, args):
         q = torch.tensor([sum(c.isascii() and c.isalpha() for c in t) / max(len(t), 1) for t in texts])[:, None, None, None]
-        src = M.load_image(os.path.join(args.data, "0.png"), args.resolution)[None]
+        src = D.load_image(os.path.join(args.data, "0.png"), args.resolution)[None]
         return q * src + (1 - q) * distractor
 
     monkeypatch.setattr(S, "reconstruct", reading_env)

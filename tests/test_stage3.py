@@ -74,7 +74,7 @@ def test_sde_step_logprob_is_the_gaussian_density(s, s_next):
     # the same transition scored as a given sample (training) gives the same log-prob
     _, lp2, mean2, _ = S.sde_step(x, v, s, s_next, 0.7, prev_sample=x_next)
     assert torch.equal(lp2, lp) and torch.equal(mean2, mean)
-    # SPEC §5: std at s = 1 uses s_1
+    # docs/algorithm.md §5: std at s = 1 uses s_1
     _, _, _, std1 = S.sde_step(x, v, torch.tensor(1.0), torch.tensor(0.9), 0.7, noise=eps, s_for_std=torch.tensor(0.9))
     assert torch.allclose(std1, 0.7 * torch.sqrt(torch.tensor(0.9 / 0.1)))
 
@@ -93,12 +93,12 @@ def test_sde_step_mean_is_the_flow_grpo_mean_and_a0_is_euler():
 
 def test_group_advantages_and_loss():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
-    a = S.group_advantages(r, 4, "group", eps=0.0)
+    a = S.group_advantages(r, 4, scale="group", eps=0.0)
     s = torch.tensor([1.0, 2, 3, 4]).std(unbiased=False)
     assert torch.allclose(a[:4], (torch.tensor([1.0, 2, 3, 4]) - 2.5) / s)
     assert torch.equal(a[4:], torch.zeros(4))                              # flat group: zeros, not NaN
-    assert torch.allclose(S.group_advantages(r, 4, "none"), torch.tensor([-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]))
-    b = S.group_advantages(r, 4, "batch", eps=0.0)
+    assert torch.allclose(S.group_advantages(r, 4, scale="none"), torch.tensor([-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]))
+    b = S.group_advantages(r, 4, scale="batch", eps=0.0)
     assert torch.allclose(b[:4], (torch.tensor([1.0, 2, 3, 4]) - 2.5) / r.std(unbiased=False))
     near_flat = torch.tensor([0.9, 0.9 + 1e-5, 0.9, 0.9 + 1e-5])
     assert S.group_advantages(near_flat, 4, std_floor=1e-3).abs().max() < 0.01   # the floor

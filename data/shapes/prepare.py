@@ -95,7 +95,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="where train/ and val/ go")
     p.add_argument("--n_train", type=int, default=2000, help="training images")
     p.add_argument("--n_val", type=int, default=100, help="held-out images (the Unified-Bench-style split)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--resolution", dest="size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="the world's seed (val uses seed + 1)")
     a = p.parse_args()
     write_split(os.path.join(a.out, "train"), a.n_train, a.seed, a.size)

@@ -1,7 +1,7 @@
 """
 Stand-ins for the pretrained parts a real user downloads, trained here in about 2.5 minutes on 2 CPU
 cores on the shapes world, so that the tiny demo means something (a random CLIP scores every pair ~0.999 and
-a random captioner writes noise; SPEC §9):
+a random captioner writes noise; docs/algorithm.md §9):
 
     python data/shapes/prepare.py
     python data/shapes/standins.py --data data/shapes --out out/standins --seed 0
@@ -59,7 +59,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # prepare.py, then the repo root (model.py, reward.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import data as D  # noqa: E402
 import model  # noqa: E402
+import training as T  # noqa: E402
 import prepare  # noqa: E402
 from reward import CLIP_MEAN, CLIP_STD  # noqa: E402
 
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     a("--out", default="out/standins", help="output folder (replaced atomically)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=2, help="torch threads (results depend on it through float summation order)")
-    a("--size", type=int, default=64, help="image side in pixels")
+    a("--resolution", dest="size", type=int, default=64, help="image side in pixels")
     a("--n_train", type=int, default=0, help="use the first n training images (0: all)")
     # vae
     a("--vae_steps", type=int, default=250)
@@ -117,12 +119,12 @@ def load_split(d, size, seed=0):
     rng = random.Random(seed)
     for r in recs:  # data written before prepare.py had terse captions
         r.setdefault("terse", prepare.terse_caption(r, rng))
-    return torch.stack([model.load_image(os.path.join(d, r["image"]), size) for r in recs]), recs
+    return torch.stack([D.load_image(os.path.join(d, r["image"]), size) for r in recs]), recs
 
 
 def schedule(opt, step, lr, total):
     for g in opt.param_groups:
-        g["lr"] = model.lr_at(step, lr, max(1, total // 20), total)
+        g["lr"] = T.lr_at(step, lr, max(1, total // 20), total)
 
 
 def batches(n, B, steps, seed):
@@ -252,7 +254,7 @@ def captioner_config(base_encoder, a):
     t, v = cfg.text_config, cfg.vision_config
     t.hidden_size, t.intermediate_size, t.num_hidden_layers = a.cap_hidden, 2 * a.cap_hidden, a.cap_layers
     t.layer_types = ["full_attention"] * a.cap_layers
-    hd = a.cap_hidden // t.num_attention_heads  # SPEC §9: mrope_section sums to head_dim / 2 (Qwen: 16, 24, 24 of 64)
+    hd = a.cap_hidden // t.num_attention_heads  # docs/algorithm.md §9: mrope_section sums to head_dim / 2 (Qwen: 16, 24, 24 of 64)
     t.rope_parameters = {**t.rope_parameters, "mrope_section": [hd // 2 - 2 * (3 * hd // 16), 3 * hd // 16, 3 * hd // 16],
                          "rope_theta": a.cap_rope_theta}
     v.hidden_size, v.intermediate_size, v.depth = a.cap_vision_hidden, 2 * a.cap_vision_hidden, a.cap_vision_depth
@@ -287,7 +289,7 @@ def restate(rec):
 
 def restate_batch(proc, captions, replies):
     """Tokenized <model.UAE.encode_text's template over the caption> + reply + <|im_end|>, labels on the reply and
-    the <|im_end|>. The decoder reads this template's last hidden states (SPEC §2); a stand-in whose language
+    the <|im_end|>. The decoder reads this template's last hidden states (docs/algorithm.md §2); a stand-in whose language
     model never learnt to read text leaves them without the caption's content at the end of the template."""
     tok = proc.tokenizer
     msgs = [[{"role": "generate", "content": [{"type": "text", "text": c}]}] for c in captions]
@@ -472,14 +474,14 @@ def main(argv=None):
     rep["captions"]["terse_data"] = caption_stats([r["terse"] for r in vrecs], vrecs)
     rep["captions"]["examples"] = texts[:: a.eval_G][:4]
     k = min(8, len(Xv))  # a picture to look at: source | VAE reconstruction, one sampled caption under each row
-    model.save_grid(f"{tmp}/samples.png", [Xv[:k], reconstruct(vae, Xv[:k])], labels=texts[:: a.eval_G][:k], size=128)
+    D.save_grid(f"{tmp}/samples.png", [Xv[:k], reconstruct(vae, Xv[:k])], labels=texts[:: a.eval_G][:k], size=128)
     rep["clip"].update(clip_report(clip, reward.load_backbone("clip", f"{tmp}/clip"), vae, Xv, vrecs, a.seed))
     times["report"] = time.time() - t
     times["total"] = time.time() - t_all
     rep["seconds"] = times
     with open(f"{tmp}/standins.json", "w") as f:
         json.dump({"args": vars(a), "report": rep}, f, indent=1)
-    model._atomic_publish(tmp, a.out)
+    D.atomic_publish(tmp, a.out)
 
     c, k, d = rep["captions"], rep["clip"], rep["captions"]["terse_data"]
     print(f"captions (val, T=1.0, {len(texts)}): correct {c['correct']:.2f} (colour {c['color_correct']:.2f} shape "
