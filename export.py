@@ -17,9 +17,9 @@ Writes under --out (built in a temporary folder next to it, then renamed into pl
   README.md                how to use each part: the exact lines (tests/test_export.py runs them)
 
 The decoder in StableDiffusion3Pipeline gives UAE.generate_images' image for the same caption, seed, steps and
-CFG (tests: within 1e-4 in fp32; measured on CPU: 0 at CFG 1 and masked CFG 5). SD3's own attention sees every
-text token, UAE's masks padding: the two agree when nothing is padded (CFG 1, or caption and negative prompt of one length).
-Otherwise README's lines set this repository's MaskedJointAttnProcessor and pass the mask (see there).
+CFG (tests: within 1e-4 in fp32; measured on CPU: 0 at CFG 1 and masked CFG 5). SD3's own attention sees
+every text token, UAE's masks padding: the two agree when nothing is padded (CFG 1, or caption and negative
+prompt of one length). Otherwise README's lines set this repository's MaskedJointAttnProcessor and pass the mask (see there).
 """
 import contextlib
 import json
