@@ -139,7 +139,7 @@ def load_model(a, device, dtype):
     enc, proc, dit, vae, sched = build_sized(c, c["res"], device, dtype)
     base = {"encoder": f"random:{M.REAL_ENCODER}", "decoder": f"random:{M.REAL_DECODER}"}
     m = M.UAE(enc, proc, dit, vae, sched, base=base)
-    return m.to(device=device, dtype=dtype).eval()
+    return m.to(device).precision(dtype).eval()
 
 
 def load_reward(a, device):
@@ -159,7 +159,7 @@ def setup_stage(stage, a, device, dtype):
     if stage == "stage2":  # a fresh encoder LoRA
         sargs = S2.Args(batch_size=a.B, **kw)
         M.add_lora(m.encoder, sargs.lora_r, sargs.lora_alpha, M.ENCODER_LORA_TARGETS)
-        m.to(device=device, dtype=dtype)
+        m.precision(dtype)
         if sargs.grad_ckpt:
             m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [q for q in m.encoder.parameters() if q.requires_grad]
@@ -167,9 +167,8 @@ def setup_stage(stage, a, device, dtype):
         sargs = S3.Args(groups=a.groups, **kw)
         M.add_lora(m.transformer, sargs.lora_r, sargs.lora_alpha, M.DIT_LORA_TARGETS)
         m.projector.requires_grad_(False)
+        m.precision(dtype)
         params = [q for q in m.transformer.parameters() if q.requires_grad]
-        for q in params:
-            q.data = q.data.float()
         if sargs.grad_ckpt:
             m.transformer.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=sargs.lr, weight_decay=sargs.weight_decay)

@@ -107,19 +107,32 @@ def build_tiny(out_dir, seed=0, corpus=None, image_size=64, vocab_size=512):
                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=image_size,
                         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    # SD3's two CLIP text encoders, only for the pooled embedding of "" (docs/algorithm.md §2); proj dims sum to P
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    chars = [chr(i) for i in range(33, 127)]
+    clip_vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    torch.manual_seed(seed + 1)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16, bos_token_id=len(clip_vocab) - 2, eos_token_id=len(clip_vocab) - 1,
+        pad_token_id=len(clip_vocab) - 1)) for _ in range(2)]
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".tiny-")
     enc.save_pretrained(f"{tmp}/encoder")
     proc.save_pretrained(f"{tmp}/encoder")
     dit.save_pretrained(f"{tmp}/decoder/transformer")
     vae.save_pretrained(f"{tmp}/decoder/vae")
     sched.save_pretrained(f"{tmp}/decoder/scheduler")
+    for sub, clip in (("", clips[0]), ("_2", clips[1])):
+        clip.save_pretrained(f"{tmp}/decoder/text_encoder{sub}")
+        clip_tok.save_pretrained(f"{tmp}/decoder/tokenizer{sub}")
     atomic_publish(tmp, out_dir)
     return out_dir
 
 
 def tiny_paths(seed=0):
     """The tiny preset's (encoder, decoder) directories, built once per seed under $UAE_HOME."""
-    d = os.path.join(UAE_HOME, f"tiny-v2-seed{seed}")
+    d = os.path.join(UAE_HOME, f"tiny-v3-seed{seed}")
     if not os.path.exists(os.path.join(d, "decoder", "scheduler")):
         os.makedirs(UAE_HOME, exist_ok=True)
         build_tiny(d, seed=seed)
@@ -305,6 +318,12 @@ class UAE(nn.Module):
         banned += list(range(len(self.tokenizer), V))
         self.register_buffer("suppress", torch.zeros(V, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(set(banned))), True), persistent=False)
         self.layers = []   # adapters of earlier stages merged into the weights: [(meta, tensors)], kept for saving
+        # Rollouts must not depend on the checkpoint's generation_config.json (Qwen2.5-VL-Instruct: top_k 1,
+        # repetition_penalty 1.05, ...): generate() fills every field left unset from it. Replace it by an empty one.
+        from transformers import GenerationConfig
+        encoder.generation_config = GenerationConfig(bos_token_id=encoder.config.text_config.bos_token_id,
+                                                     eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        self.compute_dtype = torch.float32
 
     @property
     def device(self):
@@ -312,7 +331,23 @@ class UAE(nn.Module):
 
     @property
     def dtype(self):
-        return self.projector[0].weight.dtype
+        """The compute dtype (--dtype): frozen weights are stored in it, every forward runs in it."""
+        return self.compute_dtype
+
+    def precision(self, dtype=None):
+        """docs/algorithm.md §8, the one precision policy: trainable parameters (requires_grad: LoRA, projector,
+        a fully trained DiT) and the projector are held in fp32 (AdamW steps of ~lr vanish against bf16 weights of
+        ~0.03); frozen weights in `dtype`; every forward of this class runs under autocast(dtype)."""
+        self.compute_dtype = dtype or self.compute_dtype
+        for name, p in self.named_parameters():
+            keep32 = p.requires_grad or name.startswith("projector.")
+            p.data = p.data.float() if keep32 else p.data.to(self.compute_dtype)
+        return self
+
+    def autocast(self):
+        """Forward passes in the compute dtype while fp32 weights (trainable ones) stay fp32: autocast casts
+        each matmul's inputs; with fp32 it is off. Sampling and training go through it alike (one dtype)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     # ---------------- encoder: captions ----------------
     def caption_inputs(self, images, instruction=INSTRUCTION):
@@ -333,15 +368,20 @@ class UAE(nn.Module):
         rep = lambda t: t.repeat_interleave(G, 0)
         # explicit GenerationConfig: never the checkpoint's (Qwen2.5-VL ships top_k=1 -> identical samples);
         # top_k=0 must stay 0, not None: None falls back to the model default (50) and log-probs would not match
-        gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        # every logits processor neutral, so that the sampled distribution is the one completion_logprobs scores
+        gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, min_length=0, min_new_tokens=0,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=0.0,
+                              epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+                              num_beams=1, renormalize_logits=False, remove_invalid_values=False,
                               eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                               suppress_tokens=self.suppress.nonzero().flatten().tolist(),
                               output_scores=output_scores, return_dict_in_generate=True)
         ids, mask, mm = rep(b["input_ids"]), rep(b["attention_mask"]), rep(b["mm_token_type_ids"])
         grid = rep(b["image_grid_thw"])
-        out = self.encoder.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=pix,
-                                    image_grid_thw=grid, generation_config=gc)
+        with self.autocast():
+            out = self.encoder.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=pix,
+                                        image_grid_thw=grid, generation_config=gc)
         comp = out.sequences[:, ids.shape[1]:]
         is_eos = comp == self.eos_id
         # mask: 1 up to and including the first EOS, 0 after (docs/algorithm.md §4)
@@ -371,8 +411,9 @@ class UAE(nn.Module):
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
         attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
         mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
-        logits = self.encoder(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=r.pixel_values,
-                              image_grid_thw=r.image_grid_thw, logits_to_keep=T + 1).logits[:, :-1]  # (N, T, V)
+        with self.autocast():
+            logits = self.encoder(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=r.pixel_values,
+                                  image_grid_thw=r.image_grid_thw, logits_to_keep=T + 1).logits[:, :-1]  # (N, T, V)
         lps, ents = [], []
         for row, tgt in zip(logits, r.completion_ids):  # row (T, V)
             row = row.float().masked_fill(self.suppress, float("-inf")) / max(temperature, 1e-6)
@@ -395,13 +436,15 @@ class UAE(nn.Module):
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         b = self.tokenizer(text, return_tensors="pt", padding=True, padding_side="right", truncation=True,
                            max_length=max_tokens, add_special_tokens=False).to(self.device)
-        out = self.encoder.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                 mm_token_type_ids=torch.zeros_like(b["input_ids"]))
+        with self.autocast():
+            out = self.encoder.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                     mm_token_type_ids=torch.zeros_like(b["input_ids"]))
         return out.last_hidden_state, b["attention_mask"].bool()
 
     def condition(self, captions, max_tokens=1024):
         H, mask = self.encode_text(captions, max_tokens)
-        emb = self.projector(H.to(self.dtype))  # docs/algorithm.md §2: c = g(H), (N, L, D)
+        with self.autocast():
+            emb = self.projector(H)  # docs/algorithm.md §2: c = g(H), (N, L, D)
         emb = emb * mask[..., None]
         return Cond(emb, mask, self.pooled.to(emb.dtype).expand(len(captions), -1))
 
@@ -417,9 +460,9 @@ class UAE(nn.Module):
             z, s = torch.cat([z, z]), torch.cat([s, s])
         else:
             c = cond
-        v = D(hidden_states=z.to(self.dtype), encoder_hidden_states=c.emb, pooled_projections=c.pooled,
-              timestep=(s * 1000).to(self.dtype), joint_attention_kwargs={"attention_mask": c.mask},
-              return_dict=False)[0]
+        with self.autocast():  # timesteps stay fp32, as in the diffusers pipeline (bf16 would round 790.37 to 792)
+            v = D(hidden_states=z, encoder_hidden_states=c.emb, pooled_projections=c.pooled,
+                  timestep=s * 1000, joint_attention_kwargs={"attention_mask": c.mask}, return_dict=False)[0]
         if c is not cond:
             v_pos, v_neg = v.chunk(2)
             v = v_neg + cfg * (v_pos - v_neg)
@@ -446,11 +489,13 @@ class UAE(nn.Module):
 
     def vae_encode(self, x):
         """x (B, 3, H, W) in [0, 1] -> latents (B, C, H/8, W/8), VAE posterior mean, SD3 scale/shift."""
-        z = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist.mean
+        with self.autocast():
+            z = self.vae.encode((x * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     def vae_decode(self, z):
-        x = self.vae.decode((z / self.vae.config.scaling_factor + self.vae.config.shift_factor).to(self.dtype)).sample
+        with self.autocast():
+            x = self.vae.decode((z / self.vae.config.scaling_factor + self.vae.config.shift_factor).to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -469,9 +514,12 @@ class UAE(nn.Module):
 # only what was trained: projector, pooled buffer, and the LoRA adapters of every stage so far
 # (earlier stages' are merged at load time, the last one stays live with --resume).
 
-def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.float32, device="cpu", resume=False):
-    """Base models (+ an optional checkpoint `init`). With resume=True the checkpoint's last
-    adapters stay live (not merged) so training continues exactly."""
+def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.float32, device="cpu", resume=False,
+             train_full=()):
+    """Base models (+ an optional checkpoint `init`). With resume=True the checkpoint's last adapters stay live
+    (not merged) so training continues exactly. Frozen weights load in `dtype`; the projector, the live adapters
+    and the parts named in train_full (e.g. ("transformer",) for a full DiT fine-tune) in fp32 (§8 of
+    docs/algorithm.md), so that what a checkpoint holds in fp32 comes back bit for bit."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.utils import logging as hf_logging
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -484,15 +532,38 @@ def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.f
     kw = dict(dtype=dtype, use_safetensors=True)
     enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(encoder, **kw)
     proc = Qwen2_5_VLProcessor.from_pretrained(encoder)
-    dkw = dict(torch_dtype=dtype, use_safetensors=True)
+    dkw = dict(torch_dtype=torch.float32 if "transformer" in train_full else dtype, use_safetensors=True)
     dit = SD3Transformer2DModel.from_pretrained(decoder, subfolder="transformer", **dkw)
-    vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", **dkw)
+    vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(decoder, subfolder="scheduler")
-    m = UAE(enc, proc, dit, vae, sched, base={"encoder": encoder, "decoder": decoder}).to(device=device, dtype=dtype)
+    pooled = None if meta else sd3_empty_pooled(decoder)  # a checkpoint carries its own
+    if pooled is None and not meta:
+        print(f"note: {decoder} has no SD3 text encoders (text_encoder, text_encoder_2): the pooled projection is zeros")
+    m = UAE(enc, proc, dit, vae, sched, pooled=pooled, base={"encoder": encoder, "decoder": decoder}).to(device)
+    m.compute_dtype = dtype
     m.eval()
     if meta:
         apply_checkpoint(m, meta, tensors, live_last=resume)
     return m
+
+
+@torch.no_grad()
+def sd3_empty_pooled(decoder):
+    """docs/algorithm.md §2: SD3's pooled text embedding of "" from the decoder folder's two CLIP text encoders,
+    as StableDiffusion3Pipeline.encode_prompt makes it (77-token padded ids, text_embeds, CLIP-L then CLIP-G,
+    concatenated). -> (P,) fp32, or None when the folder has no text encoders."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    parts = []
+    for te, tk in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        try:
+            tok = CLIPTokenizer.from_pretrained(decoder, subfolder=tk)
+            clip = CLIPTextModelWithProjection.from_pretrained(decoder, subfolder=te, use_safetensors=True)
+        except (OSError, ValueError, EnvironmentError):
+            return None
+        ids = tok("", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        parts.append(clip(ids, output_hidden_states=True)[0][0].float())
+        del clip
+    return torch.cat(parts)
 
 
 def arch_of(m):
@@ -542,6 +613,9 @@ def apply_checkpoint(m, meta, tensors, live_last=False):
             if layer.get(part):
                 mod = getattr(m, part)
                 add_lora(mod, **layer[part])
+                for n, p in mod.named_parameters():  # fp32 adapters: the saved fp32 tensors come back exactly
+                    if "lora_" in n:
+                        p.data = p.data.float()
                 sd = {k[len(part) + 1:]: v for k, v in lt.items() if k.startswith(part + ".")}
                 missing = set(lora_state(mod)) - set(sd)
                 if missing:

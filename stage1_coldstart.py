@@ -186,10 +186,12 @@ def captioning_pass_cond(m, roll):
     ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
     attn = torch.cat([roll.prompt_mask, torch.ones_like(roll.completion_ids)], 1)
     mm = torch.cat([roll.mm_token_type_ids, torch.zeros_like(roll.completion_ids)], 1)
-    H = m.encoder.model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=roll.pixel_values,
-                        image_grid_thw=roll.image_grid_thw).last_hidden_state[:, P:]   # (N, T, hidden)
+    with m.autocast():
+        H = m.encoder.model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=roll.pixel_values,
+                            image_grid_thw=roll.image_grid_thw).last_hidden_state[:, P:]   # (N, T, hidden)
+        emb = m.projector(H)
     mask = roll.completion_mask.bool()
-    emb = m.projector(H.to(m.dtype)) * mask[..., None]
+    emb = emb * mask[..., None]
     return M.Cond(emb, mask, m.pooled.to(emb.dtype).expand(len(emb), -1))
 
 
@@ -238,24 +240,26 @@ def micro_losses(m, args, backbone, x, captions, k, keys, rank=0):
 
 
 def setup(args, device, resume=False):
-    """Model + this stage's trainable parameters (same init on every rank). -> (m, params, lora_cfg)."""
+    """Model + this stage's trainable parameters (same init on every rank), in fp32 (docs/algorithm.md §8).
+    -> (m, params, lora_cfg)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    full = ("transformer",) if args.dit_full else ()
     torch.manual_seed(args.seed)                          # same projector init and fresh adapters on every rank
     if resume:                                            # this stage's adapters come back live
-        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True, train_full=full)
         meta = json.load(open(os.path.join(args.out_dir, "ckpt", "uae.json")))
         live = meta["layers"][-1] if meta["live_layer"] else {}
         lora_cfg = {"encoder": live.get("encoder"), "transformer": live.get("transformer")}
     else:
         m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
-                       decoder=args.decoder or None, dtype=dtype, device=device)
+                       decoder=args.decoder or None, dtype=dtype, device=device, train_full=full)
         train_enc = args.train_encoder_lora if args.train_encoder_lora is not None else "sem" in args.objective
         lora_cfg = {"encoder": M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS) if train_enc else None,
                     "transformer": None if args.dit_full else M.add_lora(m.transformer, args.lora_r, args.lora_alpha, M.DIT_LORA_TARGETS)}
-    m.to(device=device, dtype=dtype)                      # adapters in the model's dtype (one dtype)
     m.projector.requires_grad_(True)                      # add_lora only flags lora_ params
     if args.dit_full:
         m.transformer.requires_grad_(True)
+    m.to(device).precision(dtype)                         # trainable in fp32, frozen in --dtype
     if args.grad_ckpt:
         if hasattr(m.encoder, "activation_checkpointing_enable"):   # transformers >= 5.x name
             m.encoder.activation_checkpointing_enable({"use_reentrant": False})

@@ -59,8 +59,8 @@ class Args:
     batch_size: int = field(default=1, metadata={"help": "images per rank per step (rollout batch = batch_size*G)"})
     micro_batch: int = field(default=8, metadata={"help": "captions per policy forward/backward"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: must stay 1 (a truncation is not in the scored log-probs)"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling: must stay 0 (same reason)"})
     max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
     eps_low: float = field(default=0.2, metadata={"help": "clip range below 1"})
     eps_high: float = field(default=0.2, metadata={"help": "clip range above 1 (DAPO uses 0.28)"})
@@ -170,6 +170,9 @@ def reconstruct(m, texts, noise, neg, args):
 def main(argv=None):
     import reward as R
     args = T.parse_args(Args, argv)
+    if args.top_p < 1 or args.top_k > 0:  # sampling would not draw from the distribution completion_logprobs scores
+        raise ValueError(f"--top_p {args.top_p} / --top_k {args.top_k}: GRPO scores the untruncated distribution; "
+                         "use --top_p 1 --top_k 0 (lower --temperature to sharpen sampling)")
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -180,8 +183,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step = T.load_train_state(args.out_dir, opt, rank, world)[0] if args.resume else 0
     backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
-    with torch.no_grad():
-        neg = m.condition([M.NEGATIVE_PROMPT])  # frozen: merged pre-stage weights, adapter off below
+    with torch.no_grad(), M.adapters_disabled(m.encoder):
+        neg = m.condition([M.NEGATIVE_PROMPT])  # the environment's: pre-stage weights, adapter off (as on resume)
     log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
     if master:
         print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
@@ -215,9 +218,10 @@ def main(argv=None):
             r = backbone.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()   # (N,)
         clock.tick("reward")
         # 4. Advantage: A_i = (r_i - mean_G r) / (max(std, floor) + eps), groups live on this rank
-        adv = group_advantages(r, G, scale=args.scale_rewards, std_floor=args.std_floor)  # (N,)
         mask = roll.completion_mask                                               # (N, T)
         N = mask.shape[0]
+        adv = group_advantages(T.gather(r, world), G, scale=args.scale_rewards,   # gathered: batch std over ranks
+                               std_floor=args.std_floor)[rank * N:(rank + 1) * N]  # (N,)
         n_tok = T.allreduce_metrics({"n": mask.sum().item()}, world)["n"]          # mean tokens per rank
         # 5. Log-probs: old (only when mu > 1, else logp.detach()) and reference (adapter off), no grad
         mbs = [(i, min(i + args.micro_batch, N)) for i in range(0, N, args.micro_batch)]
@@ -290,9 +294,12 @@ def setup(args, dtype, device):
                        decoder=args.decoder or None, dtype=dtype, device=device)
         torch.manual_seed(args.seed)  # the same fresh adapter on every rank
         lora_cfg = M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS)
-        m.to(device=device, dtype=dtype)
+    m.to(device).precision(dtype)  # the LoRA in fp32, frozen weights in --dtype (docs/algorithm.md §8)
     if args.grad_ckpt:
-        m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(m.encoder, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            m.encoder.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            m.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return m, lora_cfg
 
 

@@ -342,8 +342,7 @@ def setup(args, dtype, device):
     (fresh, the same on every rank; or the checkpoint's with --resume). -> (m, lora_cfg)."""
     if args.resume:
         m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
-        meta, tensors = M.read_checkpoint(args.out_dir)
-        lora_cfg = meta["layers"][-1]["transformer"]
+        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["transformer"]
     else:
         m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
@@ -351,12 +350,7 @@ def setup(args, dtype, device):
             torch.manual_seed(args.seed)  # the same fresh adapter on every rank
             lora_cfg = M.add_lora(m.transformer, args.lora_r, args.lora_alpha, M.DIT_LORA_TARGETS)
     m.projector.requires_grad_(False)  # E, g frozen: only the DiT LoRA trains
-    params = [p for p in m.transformer.parameters() if p.requires_grad]
-    for p in params:  # trainable LoRA in fp32 (AdamW on bf16 weights loses the update)
-        p.data = p.data.float()
-    if args.resume and dtype != torch.float32:  # load_uae put the saved fp32 LoRA into bf16: reload it
-        live = f"layer{len(meta['layers']) - 1}.transformer."
-        m.transformer.load_state_dict({k[len(live):]: v for k, v in tensors.items() if k.startswith(live)}, strict=False)
+    m.to(device).precision(dtype)      # the LoRA in fp32, frozen weights in --dtype (docs/algorithm.md §8)
     if args.grad_ckpt:
         m.transformer.enable_gradient_checkpointing()
     return m, lora_cfg

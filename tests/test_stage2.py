@@ -203,7 +203,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     data = _image_dir(tmp_path / "img", 4)
     common = ["--preset", "tiny", "--data", data, "--reward", "pixel", "--resolution", "64", "--G", "4",
               "--micro_batch", "4", "--max_new_tokens", "8", "--sample_steps", "2", "--cfg", "1.0", "--lr", "1e-2",
-              "--steps", "2", "--sample_every", "0", "--seed_per_group", "--beta", "0.04",
+              "--steps", "2", "--sample_every", "0", "--seed_per_group", "--beta", "0.04", "--scale_rewards", "batch",
               "--eval_every", "2", "--eval_images", "3", "--eval_G", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "stage2_grpo_und.py", *common, "--batch_size", "2", "--out_dir", str(tmp_path / "one")],
