@@ -45,7 +45,7 @@ import gc
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import data as D
 import model
+import released
 import training as T
 
 BENCH = ("clip", "longclip", "dinov2", "dinov3")   # docs/algorithm.md §7, the four averaged into `overall`
@@ -73,11 +74,16 @@ class Args:
     out_dir: str = arg("out/unified_bench", "output folder: captions/, recon/, captions.jsonl, unified_bench.json")
     score_only: bool = arg(False, "only score --src against --recon (no model): any system's reconstructions")
     recon: str = arg("", "folder of reconstructions for --score_only (paired with --src by file name stem)")
-    init: str = arg("", "UAE checkpoint directory (a stage script's ckpt); empty = base models")
+    init: str = arg("", "UAE checkpoint directory (a stage script's ckpt), or released:DIR for the authors' release "
+                        "(released.py; --decoder then names SD3.5-large); empty = base models")
     preset: str = arg("tiny", "base models when --init is empty: 'tiny' (random, offline) or 'real'")
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
     dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
+    preset_sampling: str = arg("", "named sampling settings for the flags below that are left at their defaults: "
+                                   "'released' = the released demo's (temperature 0.7, 512 new tokens, 1024 px, 40 steps, "
+                                   "CFG 5, its instruction); see released.SAMPLING")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
     resolution: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (released demo: 0.7; 0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
@@ -212,7 +218,7 @@ def write_atomic(path, write):
 
 
 GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temperature", "top_p", "top_k",
-            "max_new_tokens", "steps", "cfg", "seed", "batch_captions")
+            "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction")
 
 
 def check_settings(args, rank):
@@ -220,7 +226,8 @@ def check_settings(args, rank):
     path, cur = os.path.join(args.out_dir, "settings.json"), {k: getattr(args, k) for k in GEN_KEYS}
     if os.path.isfile(path):
         old = json.load(open(path))
-        diff = {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
+        default = {f.name: f.default for f in fields(Args)}  # a key an older settings.json lacks had its default
+        diff = {k: (old.get(k, default[k]), cur[k]) for k in cur if old.get(k, default[k]) != cur[k]}
         if diff:
             sys.exit(f"error: {args.out_dir} holds reconstructions made with other settings (was, now): {diff}; "
                      "use another --out_dir or delete that folder")
@@ -264,7 +271,8 @@ def generate(args, items, rank, device, dtype):
         if not batch:
             continue
         x = torch.stack(ims).to(device)  # (B, 3, S, S)
-        kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                  instruction=args.instruction or model.INSTRUCTION)
         if args.batch_captions:
             torch.manual_seed(image_seed(batch[0][0], args.seed))
             texts = m.sample_captions(x, **kw).texts
@@ -297,6 +305,7 @@ def main(argv=None):
     from tqdm import tqdm
     import reward
     args, = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    released.apply_sampling_preset(args, args.preset_sampling)
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not args.src or not os.path.isdir(args.src):
         sys.exit(f"error: --src {args.src!r} is not a folder of source images")

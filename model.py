@@ -524,6 +524,9 @@ def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.f
     from transformers.utils import logging as hf_logging
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     hf_logging.disable_progress_bar()
+    if init and str(init).startswith("released:"):  # the authors' release, converted once (released.py);
+        import released                              # `decoder` then names the SD3.5 base it needs
+        init, decoder = released.converted(init[len("released:"):], sd3=decoder), None
     meta, tensors = read_checkpoint(init) if init else (None, None)
     if meta:
         encoder, decoder = encoder or meta["base"]["encoder"], decoder or meta["base"]["decoder"]

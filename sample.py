@@ -18,6 +18,7 @@ import torch
 
 import data as D
 import model
+import released
 
 COMMANDS = ("caption", "generate", "reconstruct")
 
@@ -31,11 +32,15 @@ class Args:
     image: str = arg("", "input image (caption, reconstruct)")
     prompt: str = arg("", "caption to draw from (generate)")
     out: str = arg("samples", "output: a folder, or a file (.txt for caption, .png for generate)")
-    init: str = arg("", "UAE checkpoint directory; empty = base models of --preset")
+    init: str = arg("", "UAE checkpoint directory, or released:DIR for the authors' release (released.py; --decoder "
+                        "then names SD3.5-large); empty = base models of --preset")
     preset: str = arg("tiny", "'tiny' (random weights, offline) or 'real' (Qwen2.5-VL-3B + SD3.5-large)")
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
     dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
+    preset_sampling: str = arg("", "named sampling settings for the flags below left at their defaults: 'released' "
+                                   "= the released demo's (see released.SAMPLING)")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
     resolution: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
@@ -62,6 +67,7 @@ def main(argv=None):
     p = HfArgumentParser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
     args, ns = p.parse_args_into_dataclasses(argv)
+    released.apply_sampling_preset(args, args.preset_sampling)
     if ns.command in ("caption", "reconstruct") and not args.image:
         sys.exit(f"error: {ns.command} needs --image")
     if ns.command == "generate" and not args.prompt:
@@ -80,8 +86,8 @@ def main(argv=None):
         except D.ImageError as e:
             sys.exit(f"error: {e}")
         stem = os.path.splitext(os.path.basename(args.image))[0]
-        text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p,
-                                 max_new_tokens=args.max_new_tokens).texts[0]
+        text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                 instruction=args.instruction or model.INSTRUCTION).texts[0]
         print(text)
     if ns.command == "caption":
         path = out_path(args.out, ".txt", stem)

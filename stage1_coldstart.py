@@ -69,7 +69,7 @@ class Args:
     preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
     encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
     decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from ('' = base models, random projector)"})
+    init: str = field(default="", metadata={"help": "checkpoint to start from ('' = base models, random projector; released:DIR = the authors' release)"})
     data: str = field(default="", metadata={"help": "folder of images (sem) or .jsonl of {image, caption} (fm needs captions)"})
     out_dir: str = field(default="out/stage1", metadata={"help": "checkpoints (out_dir/ckpt), log.jsonl, samples/"})
     resolution: int = field(default=0, metadata={"help": "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)"})

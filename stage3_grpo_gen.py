@@ -62,7 +62,7 @@ class Args:
     preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
     encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
     decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1/2 out_dir); '' = base"})
+    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1/2 out_dir, or released:DIR); '' = base"})
     data: str = field(default="", metadata={"help": "folder of images or .jsonl of {image, caption}"})
     out_dir: str = field(default="out/stage3", metadata={"help": "checkpoints, log.jsonl, samples/"})
     reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | ..."})
