@@ -84,6 +84,7 @@ class Args:
                                    "'released' = the released demo's (temperature 0.7, 512 new tokens, 1024 px, 40 steps, "
                                    "CFG 5, its instruction); see released.SAMPLING")
     instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
+    instruction_first: bool = arg(False, "put the instruction before the image in the user turn (the released demo's order)")
     resolution: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (released demo: 0.7; 0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
@@ -218,7 +219,7 @@ def write_atomic(path, write):
 
 
 GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temperature", "top_p", "top_k",
-            "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction")
+            "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first")
 
 
 def check_settings(args, rank):
@@ -272,7 +273,7 @@ def generate(args, items, rank, device, dtype):
             continue
         x = torch.stack(ims).to(device)  # (B, 3, S, S)
         kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                  instruction=args.instruction or model.INSTRUCTION)
+                  instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first)
         if args.batch_captions:
             torch.manual_seed(image_seed(batch[0][0], args.seed))
             texts = m.sample_captions(x, **kw).texts

@@ -350,19 +350,21 @@ class UAE(nn.Module):
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     # ---------------- encoder: captions ----------------
-    def caption_inputs(self, images, instruction=INSTRUCTION):
-        """images (B, 3, H, W) in [0, 1] -> processor batch (left-padded) on device."""
-        msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]] * len(images)
+    def caption_inputs(self, images, instruction=INSTRUCTION, instruction_first=False):
+        """images (B, 3, H, W) in [0, 1] -> processor batch (left-padded) on device. The user turn is image then
+        instruction (instruction_first: the released demo's order)."""
+        parts = [{"type": "image"}, {"type": "text", "text": instruction}]
+        msgs = [[{"role": "user", "content": parts[::-1] if instruction_first else parts}]] * len(images)
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         pix = [(im.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu() for im in images]
         return self.processor(text=text, images=pix, return_tensors="pt", padding=True).to(self.device)
 
     @torch.no_grad()
     def sample_captions(self, images, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
-                        instruction=INSTRUCTION, output_scores=False):
+                        instruction=INSTRUCTION, output_scores=False, instruction_first=False):
         """B images -> B*G captions in ONE generate call (rows i*G..i*G+G-1 belong to image i)."""
         from transformers import GenerationConfig
-        b = self.caption_inputs(images, instruction)
+        b = self.caption_inputs(images, instruction, instruction_first)
         per_img = b["image_grid_thw"].prod(-1).tolist()
         pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
         rep = lambda t: t.repeat_interleave(G, 0)

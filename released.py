@@ -45,14 +45,15 @@ import torch.nn as nn
 
 import model
 
-CONVERTER = "uae-released-v1"
+CONVERTER = "uae-released-v2"  # v2: the pooled embedding of "" from the SD3.5 base
 LLM_LORA = {"r": 32, "alpha": 64}  # the demo's set_lora(rank=32, alpha=64, target_modules="all-linear")
-# the demo's captioning question, verbatim (it puts it before the image; caption_inputs puts it after)
+# the demo's captioning question, verbatim, and its place: before the image (instruction_first)
 RELEASED_INSTRUCTION = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
                         "**textual description** of the image. If there is text in the image, transcribe it inside "
                         "double quotes \"\".  \nNow, carefully analyze the input image and output the full description. ")
 SAMPLING = {"released": {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 512, "resolution": 1024,
-                         "steps": 40, "cfg": 5.0, "instruction": RELEASED_INSTRUCTION}}
+                         "steps": 40, "cfg": 5.0, "instruction": RELEASED_INSTRUCTION,
+                         "instruction_first": True}}
 SD3_FILES = ["model_index.json", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
 PEFT_DEFAULTS = {"use_dora": (False, None), "use_rslora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                  "modules_to_save": (None, []), "layers_to_transform": (None,), "fan_in_fan_out": (False, None),
@@ -304,7 +305,9 @@ def convert(release_dir, out_dir, sd3=None):
                missing=set(want) - set(dit_t), mismatched=[f"{dit_names[k]} {tuple(v.shape)} != {want[k]}"
                                                            for k, v in dit_t.items() if k in want and tuple(v.shape) != want[k]])
         m.layers.append(({"encoder": None, "transformer": dit_cfg}, {f"transformer.{k}": v for k, v in dit_t.items()}))
-        gen = {k: getattr(m.encoder.generation_config, k, None) for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+        gcp = os.path.join(out, "encoder", "generation_config.json")  # the file: load_uae replaces the object
+        gcf = json.load(open(gcp)) if os.path.isfile(gcp) else {}
+        gen = {k: gcf.get(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
         info = {"source": os.path.abspath(release_dir), "sd3": sd3_dir, "paths": p, "llm_lora": enc_info,
                 "dit_lora": {**dit_cfg, "tensors": len(dit_t)}, "llm_generation_config": gen}
         model.save_checkpoint(os.path.join(out, "ckpt"), m, {"stage": "released", "converter": CONVERTER, "released": info})
@@ -317,9 +320,6 @@ def convert(release_dir, out_dir, sd3=None):
     if gen.get("top_k") not in (None, 0) or gen.get("top_p") not in (None, 1.0) or gen.get("repetition_penalty") not in (None, 1.0):
         print(f"released: note: the demo's generate() also used llm/generation_config.json {gen}; this project's captioning "
               "does not (explicit temperature/top_k/top_p, no repetition penalty)", flush=True)
-    if not m.pooled.any() and os.path.isdir(os.path.join(dec, "text_encoder")):
-        print("released: warning: the pooled embedding is zeros although the SD3.5 base has text encoders: this model.load_uae "
-              "does not compute it yet; delete the converted folder and convert again once it does", flush=True)
     return out
 
 

@@ -41,6 +41,7 @@ class Args:
     preset_sampling: str = arg("", "named sampling settings for the flags below left at their defaults: 'released' "
                                    "= the released demo's (see released.SAMPLING)")
     instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
+    instruction_first: bool = arg(False, "put the instruction before the image in the user turn (the released demo's order)")
     resolution: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
     temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
     top_p: float = arg(1.0, "caption nucleus sampling")
@@ -87,7 +88,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         stem = os.path.splitext(os.path.basename(args.image))[0]
         text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                 instruction=args.instruction or model.INSTRUCTION).texts[0]
+                                 instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first).texts[0]
         print(text)
     if ns.command == "caption":
         path = out_path(args.out, ".txt", stem)

@@ -287,3 +287,12 @@ def test_full_dit_lineage_survives_later_lora_stages(tiny_uae, tmp_path):
         want = a.velocity(z, 0.5, a.condition(caps))
         b = M.load_uae(init=str(tmp_path / "s3"), resume=True)
         assert torch.equal(b.velocity(z, 0.5, b.condition(caps)), want)
+
+
+def test_instruction_first_puts_the_instruction_before_the_image(tiny_uae, images):
+    """The released demo's user turn is instruction then image; ours image then instruction by default."""
+    tok = tiny_uae.tokenizer
+    for first in (False, True):
+        ids = tiny_uae.caption_inputs(images[:1], "describe it", instruction_first=first)["input_ids"][0].tolist()
+        text = tok.decode(ids)
+        assert (text.index("describe it") < text.index("<|vision_start|>")) == first
