@@ -634,10 +634,12 @@ def apply_checkpoint(m, meta, tensors, live_last=False):
                 merge_lora(getattr(m, part))
 
 
-def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, tensors_extra=None):
-    """Atomically write a checkpoint directory: earlier layers + this stage's live adapters."""
+def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, tensors_extra=None, state=None):
+    """Atomically write a checkpoint directory: earlier layers + this stage's live adapters. state: {part:
+    state_dict} read in place of the module's own (FSDP: the full tensors training.fsdp_full_state gathered)."""
     from safetensors.torch import save_file
-    t = {f"projector.{k}": v for k, v in m.projector.state_dict().items()}
+    sd = lambda part: (state or {}).get(part) if part in (state or {}) else getattr(m, part).state_dict()
+    t = {f"projector.{k}": v for k, v in sd("projector").items()}
     t["pooled"] = m.pooled
     transformer_full = transformer_full or getattr(m, "transformer_full", False)
     layers = []
@@ -653,10 +655,11 @@ def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, 
         layers.append(cur)
         for p in ("encoder", "transformer"):
             if cur[p]:
-                t.update({f"layer{i}.{p}.{k}": v for k, v in lora_state(getattr(m, p)).items()})
+                lt_p = lora_state(getattr(m, p)) if p not in (state or {}) else {k: v for k, v in sd(p).items() if "lora_" in k}
+                t.update({f"layer{i}.{p}.{k}": v for k, v in lt_p.items()})
     if transformer_full:
         t.update({f"transformer.{k.replace('.base_layer', '')}": v  # base names; a live LoRA goes in its layer
-                  for k, v in m.transformer.state_dict().items() if "lora_" not in k})
+                  for k, v in sd("transformer").items() if "lora_" not in k})
     t.update(tensors_extra or {})
     meta = {"format": CKPT_FORMAT, "base": m.base, "arch": arch_of(m), "layers": layers,
             "transformer_full": transformer_full, "live_layer": any(cur.values()), **meta_extra}

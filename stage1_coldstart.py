@@ -104,6 +104,8 @@ class Args:
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for weights and compute", "choices": ["fp32", "bf16"]})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the LVLM, the DiT and the VAE decoder"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the DiT (per block) and the projector with FSDP2: fp32 master weights, "
+                                                        "gradients and AdamW state split over ranks (needed for --dit_full at real size)"})
     seed: int = field(default=0, metadata={"help": "global seed"})
     # samples / logging / checkpoints
     cfg: float = field(default=5.0, metadata={"help": "CFG of the sample reconstructions"})
@@ -273,9 +275,10 @@ def setup(args, device, resume=False):
 
 
 @torch.no_grad()
-def write_samples(m, args, ds, step, size, device):
+def write_samples(m, args, ds, step, size, device, write=True):
     """samples/step{N}.png: source | reconstruction from the model's own caption (full ODE
-    sampler, CFG), the caption below; samples/step{N}.jsonl: the captions in full."""
+    sampler, CFG), the caption below; samples/step{N}.jsonl: the captions in full. write=False: only the
+    forwards (FSDP ranks other than 0 take part in them)."""
     n = min(args.sample_n, len(ds))
     x, _, names = ds.batch(list(range(n)))
     x = x.to(device)
@@ -284,6 +287,8 @@ def write_samples(m, args, ds, step, size, device):
         torch.manual_seed(args.seed)
         texts = m.sample_captions(x, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
     recon = m.generate_images(texts, steps=args.sample_steps, cfg=args.cfg, size=size, seed=args.seed)
+    if not write:
+        return
     d = os.path.join(args.out_dir, "samples")
     labels = ["".join(ch if ch.isprintable() else "?" for ch in t) for t in texts]
     D.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
@@ -307,11 +312,16 @@ def main(argv=None):
     ds = D.ImageDataset(args.data, size, need_captions="fm" in objs)
     resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "ckpt", "uae.json"))
     m, params, lora_cfg = setup(args, device, resume)
+    if args.fsdp:  # FSDP2 over the DiT blocks and the projector (training.fsdp_shard); the encoder stays replicated
+        params = T.fsdp_shard(m, ("transformer", "projector"), m.dtype, world)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.fsdp:
+        T.fsdp_track(opt, m)
     torch.manual_seed(args.seed + rank)                   # (every draw below is also seeded explicitly)
     step = 0
     if resume:
-        step, _ = T.load_train_state(args.out_dir, opt, rank, world)
+        step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
+        T.check_global_batch(st_meta, world, args.batch_size * args.grad_accum)
         if master:  # drop log lines past the checkpoint (a crash after it), so the JSONL reads as one run
             lp = os.path.join(args.out_dir, "log.jsonl")
             if os.path.exists(lp):
@@ -349,7 +359,8 @@ def main(argv=None):
                 sums[key] = sums.get(key, 0.0) + v
             if not torch.isfinite(loss):
                 bad = True
-                break
+                if not args.fsdp:  # FSDP: every rank runs the same forwards/backwards (collectives); the step is skipped
+                    break
             (loss / args.grad_accum).backward()
         # 4. Step: skip agreed on every rank, gradients all-reduced, clipped, AdamW
         gnorm, skip = T.optimizer_step(params, opt, world, args.grad_clip, bad)
@@ -359,8 +370,8 @@ def main(argv=None):
         met["time/step"] = T.allreduce_metrics({"t": time.time() - t0}, world, {"t": "max"})["t"]
         log.log(step, _finite(met), log_line(step, met, lr, gnorm, skipped) if step % args.log_every == 0 else None)
         pbar.update(1)
-        if master and args.sample_every and step % args.sample_every == 0:
-            write_samples(m, args, ds, step, size, device)
+        if (master or args.fsdp) and args.sample_every and step % args.sample_every == 0:  # FSDP: all ranks draw
+            write_samples(m, args, ds, step, size, device, write=master)
         if step % args.save_every == 0 or step == end:
             T.save_train_state(args.out_dir, m, asdict(args), step, opt, lora_cfg, rank, world, "stage1",
                                transformer_full=args.dit_full)
