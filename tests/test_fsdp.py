@@ -1,0 +1,149 @@
+"""FSDP2 (--fsdp) and multi-node launches, on CPU with gloo and the tiny preset:
+- stage 1 fm --dit_full --fsdp on 2 ranks (with activation checkpointing) equals the unsharded 1-rank run with the
+  same global batch (final weights within 1e-5);
+- an FSDP checkpoint written on 2 ranks resumes on 1 rank, and one written on 1 rank on 2 ranks, to the same result
+  as the uninterrupted run;
+- two torchrun launchers (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1) equal one launcher with 2
+  processes, bit for bit;
+- the pieces: the clip over sharded + plain gradients, the checkpoint's contents, the global-batch check."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import training as T
+import stage1_coldstart as S
+from test_stage1 import ROOT, args_for, cli, env, free_port, make_jsonl, read_log
+
+# the runs compared below: 4 steps of 2 micro-steps, global micro-batch 2 (1 rank x 2 or 2 ranks x 1)
+RUN = dict(objective="fm", dit_full=True, steps=4, grad_accum=2, lr=1e-4, save_every=100)
+
+
+def torchrun(a, out, nproc=2, extra=(), launcher=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *(launcher or [f"--nproc_per_node={nproc}",
+                                                                          f"--master_port={free_port()}"]),
+           os.path.join(ROOT, "stage1_coldstart.py")] + cli(a) + ["--out_dir", out, *extra]
+    return subprocess.Popen(cmd, env=env(), cwd=os.path.dirname(out), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait(*procs):
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-4000:]
+
+
+def weights(out):
+    return {k: v for k, v in load_file(f"{out}/ckpt/weights.safetensors").items() if not k.startswith("optim.")}
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_paths):
+    """one: 1 rank, unsharded (no --fsdp), batch 2. two: 2 ranks --fsdp --grad_ckpt, batch 1 (torchrun).
+    part2: two's first 2 steps (--stop_after 2); part1: one's first 2 steps with --fsdp (the FSDP format)."""
+    d = tmp_path_factory.mktemp("fsdp")
+    data = make_jsonl(str(d / "data"), 8)
+    a1 = args_for(data=data, batch_size=2, **RUN)
+    a2 = args_for(data=data, batch_size=1, fsdp=True, grad_ckpt=True, **RUN)
+    r = {k: str(d / k) for k in ("one", "two", "part2", "part1")}
+    p_two, p_part2 = torchrun(a2, r["two"]), torchrun(a2, r["part2"], extra=["--stop_after", "2"])
+    S.main(args_for(**{**vars(a1), "out_dir": r["one"]}))
+    S.main(args_for(**{**vars(a1), "fsdp": True, "stop_after": 2, "out_dir": r["part1"]}))
+    wait(p_two, p_part2)
+    return {**r, "a1": a1, "a2": a2, "init": weights(r["part1"])}
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_unsharded_one_rank(runs):
+    l1, l2 = read_log(runs["one"]), read_log(runs["two"])
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
+    for r1, r2 in zip(l1, l2):
+        for k in ("loss/total", "loss/fm", "grad_norm"):
+            assert abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])), (r1["step"], k, r1[k], r2[k])
+    w1, w2 = weights(runs["one"]), weights(runs["two"])
+    assert any(k.startswith("transformer.transformer_blocks.1.") for k in w2) and any(k.startswith("projector.") for k in w2)
+    assert max_diff(w1, w2) <= 1e-5
+    assert max_diff(w1, runs["init"]) > 1e-4  # the weights did move (the comparison is not vacuous)
+    meta = json.load(open(f"{runs['two']}/ckpt/uae.json"))
+    assert meta["optim_sharded"] and meta["world"] == 2 and meta["transformer_full"]
+    assert not any(k.startswith("optim.") for k in load_file(f"{runs['two']}/ckpt/weights.safetensors"))
+    assert os.path.isfile(f"{runs['two']}/ckpt/sharded/.metadata")
+    back = M.load_uae(init=runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
+    assert torch.equal(back.transformer.transformer_blocks[0].attn.to_q.weight,
+                       w2["transformer.transformer_blocks.0.attn.to_q.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp_resume_two_ranks_to_one(runs):
+    part = runs["part2"]
+    assert [r["step"] for r in read_log(part)] == [1, 2]
+    S.main(args_for(**{**vars(runs["a1"]), "fsdp": True, "resume": True, "out_dir": part}))
+    assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
+    assert max_diff(weights(part), weights(runs["two"])) <= 1e-5
+    for ra, rb in zip(read_log(part), read_log(runs["two"])):
+        assert abs(ra["loss/total"] - rb["loss/total"]) <= 1e-5, ra["step"]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_one_rank_to_two(runs):
+    part = runs["part1"]
+    wait(torchrun(runs["a2"], part, extra=["--resume", "true"]))
+    assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
+    assert max_diff(weights(part), weights(runs["one"])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_two_launchers_nnodes_2_equal_one_launcher(runs):
+    """The README's multi-node lines on one machine: torchrun --nnodes 2 --node_rank i --rdzv_backend c10d
+    --rdzv_endpoint 127.0.0.1:PORT, one process per launcher; the result is bit-identical to one launcher with
+    --nproc_per_node 2 (the `two` run)."""
+    out, port = os.path.join(os.path.dirname(runs["two"]), "nnodes"), free_port()
+    launchers = [torchrun(runs["a2"], out, launcher=["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                                                     "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                                     "--rdzv_id=uae-test"]) for i in (0, 1)]
+    wait(*launchers)
+    a, b = weights(out), weights(runs["two"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss/total"] for r in read_log(out)] == [r["loss/total"] for r in read_log(runs["two"])]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def test_clip_without_sharded_params_is_torchs():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 3
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q in zip(ps, qs):
+        q.grad = p.grad.clone()
+    n_want = torch.nn.utils.clip_grad_norm_(qs, 1.0).item()
+    assert T.fsdp_clip_grad_norm_(ps, 1.0) == n_want
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
+def test_check_global_batch():
+    meta = {"path": "x", "world": 2, "args": {"batch_size": 1, "grad_accum": 2}}
+    T.check_global_batch(meta, 2, 2)          # same rank count: nothing to check
+    T.check_global_batch(meta, 1, 4)          # 1 rank x 2 x accum 2 = 2 ranks x 1 x 2
+    with pytest.raises(M.CheckpointError, match="global batch of 4"):
+        T.check_global_batch(meta, 1, 2)
+
+
+def test_fsdp_checkpoint_needs_fsdp_to_resume(tmp_path, tiny_paths):
+    data = make_jsonl(str(tmp_path / "d"), 4)
+    a = args_for(data=data, out_dir=str(tmp_path / "o"), objective="fm", steps=2, stop_after=1, fsdp=True)
+    S.main(a)
+    assert os.path.isdir(tmp_path / "o" / "ckpt" / "sharded")
+    with pytest.raises(M.CheckpointError, match="resume with --fsdp"):
+        S.main(args_for(**{**vars(a), "fsdp": False, "resume": True, "stop_after": 0}))
