@@ -67,6 +67,10 @@ p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (always on for --preset real)")
 p.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense: 989)")
 p.add_argument("--out", default="out/bench.json", help="JSON results")
+p.add_argument("--plan", action="store_true", help="memory plan (CPU, no GPU): per-GPU memory of each stage's README real "
+               "launch under DDP and FSDP, with a fit verdict (use with --preset real)")
+p.add_argument("--gpus", type=int, default=8, help="--plan: GPUs the launch is spread over")
+p.add_argument("--gpu_gib", type=float, default=79.2, help="--plan: memory per GPU in GiB (an 80 GB card: ~79.2 GiB)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +378,8 @@ def report(stage, r, sargs, setup, a, device):
 
 
 def main(a):
+    if a.plan:  # the memory plan: CPU only, nothing full-size is allocated (see plan_main)
+        return plan_main(a)
     if a.quick:
         a.warmup, a.iters = 1, 2
     if a.preset == "real":
@@ -406,6 +412,496 @@ def main(a):
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\nwrote {a.out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# --plan: the per-GPU memory of each stage's README real launch, under DDP (today's replicated training:
+# every rank holds everything) and under FSDP (--fsdp: training.fsdp_shard) over --gpus GPUs, computed on
+# the CPU of a laptop without allocating a full-size model.
+#   measured:  parameter counts, from the real configs built on the meta device (+ LoRA injected with the
+#              real target lists); activations, as the bytes autograd saves for backward (each storage
+#              once, parameters excluded) while a few layers run at the real widths on CPU in bf16, at two
+#              small sizes each (plan_measure): an affine fit a + b x size (b per token / pixel / row; a per
+#              call, e.g. autocast's bf16 copies of fp32 weights) scaled to the real token count, rows and
+#              depth; with checkpointing, what a checkpointed unit keeps (its inputs) + one unit recomputed.
+#   estimated: the optimizer (AdamW: 2 fp32 moments + foreach's one-copy temporary at the step),
+#              gradients (fp32, + training.allreduce_grads' flat copy under DDP), FSDP's gathered
+#              blocks (2 in bf16) and one block's unsharded gradients, the no-grad working sets of
+#              rollouts (one DiT block / VAE stage live at a time, bounded by the same block's saved
+#              bytes; KV cache; logits), and a 10 % margin for the CUDA context, fragmentation and what
+#              the plan does not see. Not checked against a GPU here.
+
+GiB = 2 ** 30
+PLAN_TEXT = 20        # template tokens around a caption in UAE.encode_text
+PLAN_PROMPT = 400     # stage 2's captioning prompt at 512 px: 324 image tokens (504 px / 14 / 2)^2 + template + instruction
+
+
+def saved_by_unit(fn, units=(), params=()):
+    """Runs fn() with autograd recording; books every tensor saved for backward (each storage once, `params`
+    excluded) to the unit (module) running when it is saved, else to "outside", and records each unit's
+    floating-point inputs (what gradient checkpointing keeps of a unit). -> {"outside", "saved": [per unit],
+    "inputs": [per unit]} in bytes."""
+    ex = {q.untyped_storage()._cdata for q in params}
+    seen, keep, stack = set(), [], []
+    r = {"outside": 0, "saved": [0] * len(units), "inputs": [0] * len(units)}
+
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from tensors(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                yield from tensors(y)
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            stack.append(i)
+            for t in tensors((args, kwargs)):
+                k = t.untyped_storage()._cdata
+                if t.is_floating_point() and k not in ex and ("in", k) not in seen:
+                    seen.add(("in", k))
+                    keep.append(t)
+                    r["inputs"][i] += t.untyped_storage().nbytes()
+        return hook
+
+    def post(mod, args, kwargs, out):
+        stack.pop()
+
+    def pack(t):
+        k = t.untyped_storage()._cdata
+        if k not in ex and k not in seen:
+            seen.add(k)
+            keep.append(t)   # alive until the end: no storage address is reused while we count
+            if stack:
+                r["saved"][stack[-1]] += t.untyped_storage().nbytes()
+            else:
+                r["outside"] += t.untyped_storage().nbytes()
+        return t
+
+    hs = []
+    for i, u in enumerate(units):
+        hs += [u.register_forward_pre_hook(pre(i), with_kwargs=True), u.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        for h in hs:
+            h.remove()
+    del out, keep
+    return r
+
+
+def live_peak(fn):
+    """Peak bytes of the tensors alive at once while fn() runs (those it allocates; each storage once, freed when
+    its last view dies): a TorchDispatchMode that books every op's output storages and a weakref.finalize per
+    storage. What torch.cuda.max_memory_allocated would report above the start, minus allocator rounding."""
+    import weakref
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Live(TorchDispatchMode):
+        cur = peak = 0
+        seen = {}
+
+        def free(self, key, nb):
+            self.cur -= nb
+            self.seen.pop(key, None)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):   # a view or in-place result of an input (a weight's .t()) is no allocation
+                    st = t.untyped_storage()
+                    if st._cdata not in self.seen and st._cdata not in ins:
+                        nb = st.nbytes()
+                        self.cur += nb
+                        self.peak = max(self.peak, self.cur)
+                        self.seen[st._cdata] = weakref.finalize(st, self.free, st._cdata, nb)
+            return out
+
+    mode = Live()
+    mode.seen = {}
+    with mode:
+        out = fn()
+    del out
+    return mode.peak
+
+
+def _fit(m1, m2, s1, s2):
+    """Two measurements -> {key: (a, b)} with bytes = a + b * size; units averaged: "block" = every unit but
+    the last, "last", "inputs" (per unit)."""
+    def ab(y1, y2):
+        b = (y2 - y1) / (s2 - s1)
+        return (max(0.0, y1 - b * s1), b)
+    per = lambda m: {"outside": m["outside"], "block": sum(m["saved"][:-1]) / max(1, len(m["saved"]) - 1),
+                     "last": m["saved"][-1], "inputs": sum(m["inputs"]) / len(m["inputs"]),
+                     "max": max(m["saved"]), **({"nograd": m["nograd"]} if "nograd" in m else {})}
+    p1, p2 = per(m1), per(m2)
+    return {k: ab(p1[k], p2[k]) for k in p1}
+
+
+def _bf16_default(build):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _as_lora(mod, targets):
+    M.add_lora(mod, 32, 64, targets)   # the stages' r 32 / alpha 64, fp32 adapters (UAE.precision)
+    for n, q in mod.named_parameters():
+        if "lora_" in n:
+            q.data = q.data.float()
+
+
+def plan_measure_dit(sides=(16, 24)):
+    """SD3.5-large's DiT, 3 joint blocks at the real width (38 heads x 64), under autocast(bf16), one row, built
+    once: "full16" (every weight trainable, bf16: FSDP's param_dtype) and "full32" (trainable fp32 weights:
+    --dit_full without FSDP, autocast's bf16 copies are saved) with stage 1 fm's text/image token ratio (512 / 4096),
+    then "lora" (bf16 frozen base + fp32 LoRA; + a no-grad sampling call) with the 512-px stages' (532 / 1024).
+    size = image + text tokens. -> {variant: fit}."""
+    from diffusers import SD3Transformer2DModel
+    c = PRESETS["real"]
+    torch.manual_seed(0)
+    dit = _bf16_default(lambda: SD3Transformer2DModel(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=c["head_dim"],
+        num_attention_heads=c["dit_heads"], joint_attention_dim=c["joint"], caption_projection_dim=c["cap_proj"],
+        pooled_projection_dim=c["pooled"], pos_embed_max_size=c["pos_max"], qk_norm="rms_norm"))
+    dit.set_attn_processor(M.MaskedJointAttnProcessor())
+
+    def run(ratio, trained_cond, nograd=False):
+        ms, sizes = [], []
+        for side in sides:
+            N, L = (side // 2) ** 2, max(1, round(ratio * (side // 2) ** 2))
+            kw = dict(hidden_states=torch.randn(1, 16, side, side), pooled_projections=torch.zeros(1, c["pooled"]),
+                      encoder_hidden_states=torch.randn(1, L, c["joint"], requires_grad=trained_cond),  # fm/sem: g trains
+                      timestep=torch.full((1,), 500.0), return_dict=False,
+                      joint_attention_kwargs={"attention_mask": torch.ones(1, L, dtype=torch.bool)})
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ms.append(saved_by_unit(lambda: dit(**kw)[0], dit.transformer_blocks, list(dit.parameters())))
+                if nograd:  # a sampling call: no grad, one block alive at a time
+                    with torch.no_grad():
+                        ms[-1]["nograd"] = live_peak(lambda: dit(**{**kw, "encoder_hidden_states": kw["encoder_hidden_states"].detach()})[0])
+            sizes.append(N + L)
+        return _fit(*ms, *sizes)
+
+    out = {}
+    dit.requires_grad_(True)
+    out["full16"] = run(512 / 4096, True)
+    for q in dit.parameters():
+        q.data = q.data.float()
+    out["full32"] = run(512 / 4096, True)
+    for q in dit.parameters():
+        q.data = q.data.to(torch.bfloat16)
+    dit.requires_grad_(False)
+    _as_lora(dit, M.DIT_LORA_TARGETS)
+    out["lora"] = run((PLAN_TEXT + 512) / 1024, False, nograd=True)
+    del dit
+    gc.collect()
+    return out
+
+
+def plan_measure_lm(sizes=(128, 256)):
+    """Qwen2.5-VL-3B's language model, 2 decoder layers at the real width (2048, 16 heads / 2 kv, 11008), bf16
+    frozen + the encoder LoRA (r 32 on every linear layer), one row; size = tokens."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+    c = PRESETS["real"]
+    h = c["hidden"] // c["heads"] // 2
+    cfg = Qwen2_5_VLConfig(text_config=dict(vocab_size=1024, bos_token_id=0, eos_token_id=1, hidden_size=c["hidden"],
+                                            intermediate_size=c["inter"],
+                                            num_hidden_layers=2, num_attention_heads=c["heads"], num_key_value_heads=c["kv"],
+                                            max_position_embeddings=32768,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                             "mrope_section": [h // 4, h * 3 // 8, h * 3 // 8]}))
+    torch.manual_seed(0)
+    lm = _bf16_default(lambda: Qwen2_5_VLTextModel(cfg.text_config))
+    lm.requires_grad_(False)
+    _as_lora(lm, r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    ms = []
+    for T in sizes:
+        ids = torch.randint(0, 1024, (1, T))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ms.append(saved_by_unit(lambda: lm(input_ids=ids).last_hidden_state, lm.layers, list(lm.parameters())))
+            with torch.no_grad():  # a prefill / reference pass (without its KV cache and logits, counted apart)
+                ms[-1]["nograd"] = live_peak(lambda: lm(input_ids=ids, use_cache=False).last_hidden_state)
+    del lm
+    gc.collect()
+    return _fit(*ms, *sizes)
+
+
+def plan_measure_vae(sides=(8, 16)):
+    """SD3.5's VAE decoder (128/256/512/512 channels, 2 layers per block), bf16 frozen, gradient to the latent
+    (stage 1 sem), one image; size = output pixels. Units: the mid block and the 4 up blocks (what diffusers
+    checkpoints)."""
+    from diffusers import AutoencoderKL
+    c = PRESETS["real"]
+    torch.manual_seed(0)
+    vae = _bf16_default(lambda: AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=c["vae"],
+                                              layers_per_block=c["vae_layers"], latent_channels=16, norm_num_groups=32,
+                                              use_quant_conv=False, use_post_quant_conv=False))
+    vae.requires_grad_(False)
+    units = [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    ms, sizes = [], []
+    for side in sides:
+        z = torch.randn(1, 16, side, side, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ms.append(saved_by_unit(lambda: vae.decode(z).sample, units, list(vae.parameters())))
+            with torch.no_grad():
+                ms[-1]["nograd"] = live_peak(lambda: vae.decode(z.detach()).sample)
+        sizes.append((side * 8) ** 2)
+    del vae
+    gc.collect()
+    return _fit(*ms, *sizes)
+
+
+def plan_measure_clip(rows=(1, 2)):
+    """The CLIP ViT-L/14 reward (fp32, as reward.load_backbone loads it), 2 of its 24 layers at 224 px, gradient
+    to the input image (stage 1 sem); size = images."""
+    import open_clip
+    cfg = open_clip.get_model_config("ViT-L-14")
+    torch.manual_seed(0)
+    vis = open_clip.model._build_vision_tower(cfg["embed_dim"], {**cfg["vision_cfg"], "layers": 2}, quick_gelu=True)
+    vis.requires_grad_(False)
+    ms = []
+    for n in rows:
+        x = torch.rand(n, 3, 224, 224, requires_grad=True)
+        ms.append(saved_by_unit(lambda: vis(x), vis.transformer.resblocks, list(vis.parameters())))
+    del vis
+    gc.collect()
+    return _fit(*ms, *rows)
+
+
+def plan_measure_projector(sizes=(128, 256)):
+    """The projector g (2048 -> 8192 -> 4096), fp32 trainable under autocast(bf16); size = tokens."""
+    torch.manual_seed(0)
+    g = torch.nn.Sequential(torch.nn.Linear(2048, 8192), torch.nn.GELU(), torch.nn.Linear(8192, 4096))
+    ms = []
+    for L in sizes:
+        H = torch.randn(1, L, 2048, dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ms.append(saved_by_unit(lambda: g(H), [g], list(g.parameters())))
+    return _fit(*ms, *sizes)
+
+
+def plan_params():
+    """Parameter counts of the real models, built on the meta device (no memory): Qwen2.5-VL-3B, SD3.5-large's
+    DiT and VAE, the projector, CLIP ViT-L/14's image tower, and the stages' LoRAs (real target lists)."""
+    import open_clip
+    c = PRESETS["real"]
+    enc, _, dit, vae, _ = build_sized(c, c["res"], device="meta", dtype=torch.bfloat16)
+    n = lambda mod: sum(q.numel() for q in mod.parameters())
+    out = {"encoder": n(enc), "encoder_vision": n(enc.model.visual), "dit": n(dit), "dit_block": n(dit.transformer_blocks[0]),
+           "dit_layers": len(dit.transformer_blocks), "lm_layers": c["layers"], "vae": n(vae), "vocab": c["vocab"],
+           "projector": c["hidden"] * 2 * c["joint"] + 2 * c["joint"] + 2 * c["joint"] * c["joint"] + c["joint"],
+           "lm_kv": 2 * c["kv"] * c["hidden"] // c["heads"]}
+    cfg = open_clip.get_model_config("ViT-L-14")
+    with torch.device("meta"):
+        out["clip"] = n(open_clip.model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=True))
+        M.add_lora(enc, 32, 64, M.ENCODER_LORA_TARGETS)
+        M.add_lora(dit, 32, 64, M.DIT_LORA_TARGETS)
+    lora = lambda mod: sum(q.numel() for k, q in mod.named_parameters() if "lora_" in k)
+    out.update(encoder_lora=lora(enc), dit_lora=lora(dit))
+    return out
+
+
+def plan_measure(a):
+    """Every measurement the plan needs -> {name: fit}; prints what ran and how long."""
+    t0, meas = time.time(), {}
+    jobs = [("dit", plan_measure_dit), ("lm lora", plan_measure_lm), ("vae decoder", plan_measure_vae),
+            ("clip", plan_measure_clip), ("projector", plan_measure_projector)]
+    for name, job in jobs:
+        t = time.time()
+        r = job()
+        meas.update({f"dit {k}": v for k, v in r.items()} if name == "dit" else {name: r})
+        print(f"  measured {name:<12} {time.time() - t:5.1f} s", flush=True)
+    print(f"  measurements: {time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads")
+    return meas
+
+
+def _act(f, rows, size, units, ckpt):
+    """Saved bytes of `units` layers for `rows` rows of `size` from a fit: without checkpointing every unit's
+    saved tensors; with it, every unit's inputs + one unit recomputed in the backward. + the root ("outside")."""
+    root = f["outside"][0] + f["outside"][1] * size * rows
+    per = lambda k: f[k][0] + f[k][1] * size * rows
+    if ckpt:
+        return root + per("inputs") * units + per("max")
+    return root + per("block") * (units - 1) + per("last")
+
+
+def plan_stage(st, P, meas, gpus, fsdp, micro, ckpt):
+    """One stage's per-GPU bytes -> {params, grads, optim, act, phases: {rollout, train, step}, peak, peak_phase}."""
+    n = gpus if fsdp else 1
+    shard = lambda part: n if (fsdp and part in st["fsdp"]) else 1
+    params = sum(P[k] * b / shard(part) for k, b, part in st["parts"])
+    trainable = [(P[k], part) for k, b, part in st["parts"] if k in st["trainable"]]
+    tr_local = sum(x / shard(part) for x, part in trainable)
+    grads, optim = 4 * tr_local, 8 * tr_local
+    extra_train = extra_step = 0.0
+    if fsdp and "transformer" in st["fsdp"]:
+        blk = P["dit_block"]
+        params += 2 * 2 * blk                                # 2 gathered blocks in bf16 (current + prefetch)
+        if "dit" in st["trainable"]:
+            extra_train += 6 * blk                           # one block's unsharded bf16 grads + their fp32 copy
+    if not fsdp and gpus > 1:
+        extra_step += 4 * tr_local                           # training.allreduce_grads' flat copy
+    extra_step += 4 * tr_local                               # AdamW (foreach): a sqrt(v) temporary
+    act = st["train"](P, meas, micro, ckpt, fsdp)
+    roll = st["rollout"](P, meas, micro)
+    phases = {"rollout": params + optim + roll, "train": params + optim + grads + act + extra_train,
+              "step": params + optim + grads + extra_step}
+    peak_phase = max(phases, key=phases.get)
+    return {"params": params, "grads": grads, "optim": optim, "act": act, "rollout_ws": roll, "phases": phases,
+            "peak": phases[peak_phase], "peak_phase": peak_phase}
+
+
+def _dit_act(meas, P, variant, rows, N, L, ckpt):
+    return _act(meas[variant], rows, N + L, P["dit_layers"], ckpt)
+
+
+def _logits(P, rows, T, grad):
+    """stage 2's completion_logprobs: the (rows, T, V) bf16 logits, and per row an fp32 copy that logsumexp
+    keeps for backward (estimated from the code, not measured)."""
+    return rows * T * P["vocab"] * (2 + (4 if grad else 0)) + (0 if grad else T * P["vocab"] * 4)
+
+
+def _kv(P, rows, tokens):
+    return rows * tokens * P["lm_layers"] * P["lm_kv"] * 2
+
+
+def _nograd(f, rows, size):
+    """a no-grad call's peak of live tensors (measured, affine in size)."""
+    return f["nograd"][0] + f["nograd"][1] * rows * size
+
+
+def _dit_nograd(meas, P, rows, N, L):
+    return _nograd(meas["dit lora"], rows, N + L)
+
+
+def _vae_nograd(meas, rows, pixels):
+    return _nograd(meas["vae decoder"], rows, pixels)
+
+
+def _prefill(meas, P, rows, tokens):
+    """generate: the prompt's forward (measured) on top of the KV cache of prompt + completion (estimated)."""
+    return _nograd(meas["lm lora"], rows, tokens) + _kv(P, rows, tokens + 512)
+
+
+PLAN_STAGES = [
+    dict(key="stage1_fm", title="stage 1 fm --dit_full", knob="--batch_size", micro=2, fsdp=("transformer", "projector"),
+         launch="stage1_coldstart.py --preset real --objective fm --dit_full --resolution 1024 --batch_size 2 "
+                "--grad_accum 4 --dtype bf16 --grad_ckpt",
+         what="captions of 512 tokens (long captions), 4096 image tokens; samples: 4 images, CFG",
+         parts=[("dit", 4, "transformer"), ("projector", 4, "projector"), ("encoder", 2, "encoder"), ("vae", 2, "vae")],
+         trainable=("dit", "projector"),
+         train=lambda P, m, b, ck, fs: _dit_act(m, P, "dit full16" if fs else "dit full32", b, 4096, 512, ck)
+         + _act(m["projector"], b, 512, 1, False),
+         rollout=lambda P, m, b: max(_prefill(m, P, 4, PLAN_PROMPT), _dit_nograd(m, P, 8, 4096, 532), _vae_nograd(m, 4, 1024 ** 2))),
+    dict(key="stage1_sem", title="stage 1 sem", knob="--batch_size", micro=2, fsdp=("transformer", "projector"),
+         launch="stage1_coldstart.py --init out/stage1_fm --objective sem --reward clip --resolution 512 --batch_size 2 "
+                "--dtype bf16 --grad_ckpt",
+         what="full-DiT lineage + DiT LoRA, encoder LoRA, captions up to 512 tokens, 1024 image tokens, CLIP ViT-L/14",
+         parts=[("dit", 2, "transformer"), ("dit_lora", 4, "transformer"), ("projector", 4, "projector"),
+                ("encoder", 2, "encoder"), ("encoder_lora", 4, "encoder"), ("vae", 2, "vae"), ("clip", 4, "clip")],
+         trainable=("dit_lora", "projector", "encoder_lora"),
+         train=lambda P, m, b, ck, fs: _act(m["lm lora"], b, PLAN_TEXT + 512, P["lm_layers"], ck)
+         + _act(m["projector"], b, PLAN_TEXT + 512, 1, False) + _dit_act(m, P, "dit lora", b, 1024, PLAN_TEXT + 512, ck)
+         + _act(m["vae decoder"], b, 512 ** 2, 5, ck) + _act(m["clip"], b, 1, 24, False),
+         rollout=lambda P, m, b: max(_prefill(m, P, b, PLAN_PROMPT), _dit_nograd(m, P, 8, 1024, 532), _vae_nograd(m, 4, 512 ** 2))),
+    dict(key="stage2", title="stage 2", knob="--micro_batch", micro=4, fsdp=("transformer",),
+         launch="stage2_grpo_und.py --init out/stage1 --reward clip --resolution 512 --G 8 --batch_size 1 --micro_batch 4 "
+                "--max_new_tokens 512 --sample_steps 20 --cfg 5.0 --dtype bf16 --grad_ckpt",
+         what="8 captions of up to 512 tokens after a ~400-token prompt; 16-row CFG redraws at 512 px",
+         parts=[("encoder", 2, "encoder"), ("encoder_lora", 4, "encoder"), ("dit", 2, "transformer"), ("vae", 2, "vae"),
+                ("projector", 4, "projector"), ("clip", 4, "clip")],
+         trainable=("encoder_lora",),
+         train=lambda P, m, b, ck, fs: _act(m["lm lora"], b, PLAN_PROMPT + 512, P["lm_layers"], ck) + _logits(P, b, 513, True),
+         rollout=lambda P, m, b: max(_prefill(m, P, 8, PLAN_PROMPT), _dit_nograd(m, P, 16, 1024, 532),
+                                     _vae_nograd(m, 8, 512 ** 2), _nograd(m["lm lora"], b, PLAN_PROMPT + 512)
+                                     + _logits(P, b, 513, False))),
+    dict(key="stage3", title="stage 3", knob="--groups", micro=1, fsdp=("transformer",),
+         launch="stage3_grpo_gen.py --init out/stage2 --reward clip --resolution 512 --G 8 --dtype bf16 --grad_ckpt",
+         what="1 group x G 8 x CFG 2 = 16 DiT rows per trained step, 1024 image + 532 text tokens, 10 SDE steps",
+         parts=[("dit", 2, "transformer"), ("dit_lora", 4, "transformer"), ("encoder", 2, "encoder"), ("vae", 2, "vae"),
+                ("projector", 4, "projector"), ("clip", 4, "clip")],
+         trainable=("dit_lora",),
+         train=lambda P, m, g, ck, fs: _dit_act(m, P, "dit lora", 16 * g, 1024, PLAN_TEXT + 512, ck),
+         rollout=lambda P, m, g: max(_prefill(m, P, g, PLAN_PROMPT), _dit_nograd(m, P, 16 * g, 1024, 532),
+                                     _vae_nograd(m, 8 * g, 512 ** 2)) + 8 * g * 11 * 16 * 64 * 64 * 4),
+]
+
+
+def plan_main(a):
+    """bench.py --preset real --plan: measure, then per stage a table (DDP and FSDP x gpus) and a verdict."""
+    if a.preset != "real":
+        sys.exit("--plan plans the real launches: use --preset real")
+    torch.set_num_threads(a.threads)
+    cap = a.gpu_gib * 0.9 * GiB   # 10 % for the CUDA context, fragmentation and what the plan does not see
+    t0 = time.time()
+    print(f"memory plan: the README's real launches on {a.gpus} x {a.gpu_gib:g} GiB; 'fits' = peak <= "
+          f"{cap / GiB:.1f} GiB (90 %); GiB per GPU")
+    P = plan_params()
+    print(f"  parameters (meta device): encoder {P['encoder'] / 1e9:.2f}B (vision {P['encoder_vision'] / 1e9:.2f}B), DiT "
+          f"{P['dit'] / 1e9:.2f}B ({P['dit_layers']} blocks of {P['dit_block'] / 1e6:.0f}M), VAE {P['vae'] / 1e6:.0f}M, projector "
+          f"{P['projector'] / 1e6:.0f}M, CLIP image tower {P['clip'] / 1e6:.0f}M, LoRA: encoder {P['encoder_lora'] / 1e6:.1f}M, "
+          f"DiT {P['dit_lora'] / 1e6:.1f}M ({time.time() - t0:.0f} s)")
+    meas = plan_measure(a)
+    f = meas["dit full16"]["block"]
+    print(f"  DiT block: {f[1] / 2432 / 2:.1f} x (tokens x width x 2 bytes) saved per row and token, "
+          f"+ {f[0] / 2 ** 20:.0f} MiB per call")
+    out = {"gpus": a.gpus, "gpu_gib": a.gpu_gib, "cap_gib": cap / GiB, "params": P,
+           "measured": {k: {kk: list(v) for kk, v in d.items()} for k, d in meas.items()}, "stages": {}}
+    rows = []
+    for st in PLAN_STAGES:
+        res = {mode: plan_stage(st, P, meas, a.gpus, mode == "fsdp", st["micro"], True) for mode in ("ddp", "fsdp")}
+        fit = {mode: r["peak"] <= cap for mode, r in res.items()}
+        best = {}
+        for mode in ("ddp", "fsdp"):
+            for ck in (True, False):
+                ok = [b for b in (1, 2, 4, 8, 16, 32) if plan_stage(st, P, meas, a.gpus, mode == "fsdp", b, ck)["peak"] <= cap]
+                best[(mode, ck)] = max(ok) if ok else 0
+        mode = "ddp" if fit["ddp"] else "fsdp"
+        fl = "" if mode == "ddp" else " --fsdp"
+        if fit[mode]:
+            verdict = (f"{st['title']}: fits in {a.gpu_gib:g} GiB {'without FSDP' if mode == 'ddp' else 'only with --fsdp'} at "
+                       f"{st['knob']} {st['micro']} --grad_ckpt ({res[mode]['peak'] / GiB:.1f} GiB); largest {st['knob']} that "
+                       f"fits{fl}: {best[(mode, True)]} with --grad_ckpt, {best[(mode, False)] or 'none'} without")
+        else:
+            verdict = (f"{st['title']}: does NOT fit in {a.gpu_gib:g} GiB at {st['knob']} {st['micro']} --grad_ckpt "
+                       f"(DDP {res['ddp']['peak'] / GiB:.1f}, FSDP {res['fsdp']['peak'] / GiB:.1f} GiB); largest {st['knob']} "
+                       f"that fits with --fsdp --grad_ckpt: {best[('fsdp', True)] or 'none'}")
+        if fit["ddp"] and fit["fsdp"]:
+            verdict += f"; --fsdp saves {(res['ddp']['peak'] - res['fsdp']['peak']) / GiB:.1f} GiB"
+        out["stages"][st["key"]] = {"title": st["title"], "launch": st["launch"], "what": st["what"], "knob": st["knob"],
+                                    "micro": st["micro"], "fits": fit, "recommended": mode, "verdict": verdict,
+                                    "largest_micro": {f"{m}{'+ckpt' if c else ''}": v for (m, c), v in best.items()},
+                                    **{m: {k: (v / GiB if not isinstance(v, (dict, str)) else
+                                               {kk: vv / GiB for kk, vv in v.items()} if isinstance(v, dict) else v)
+                                           for k, v in r.items()} for m, r in res.items()}}
+        rows.append((st, res, verdict))
+    hdr = f"| stage (README real launch) | mode | params | grads | optimizer | activations | peak (phase) | fits {a.gpu_gib:g} GiB |"
+    print("\n" + hdr + "\n|---|---|---|---|---|---|---|---|")
+    for st, res, _ in rows:
+        for mode, r in res.items():
+            label = "DDP" if mode == "ddp" else f"FSDP x{a.gpus}"
+            print(f"| {st['title']} | {label} | {r['params'] / GiB:.1f} | {r['grads'] / GiB:.1f} | {r['optim'] / GiB:.1f} | "
+                  f"{r['act'] / GiB:.1f} | {r['peak'] / GiB:.1f} ({r['peak_phase']}) | "
+                  f"{'yes' if r['peak'] <= cap else 'no'} |")
+    print()
+    for st, _, verdict in rows:
+        print(f"verdict: {verdict}")
+    out["seconds"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"\nplan done in {out['seconds']:.0f} s; wrote {a.out}")
     return out
 
 
