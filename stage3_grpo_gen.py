@@ -96,6 +96,8 @@ class Args:
     steps: int = field(default=1000, metadata={"help": "sampling/update iterations"})
     dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for sampling and training (LoRA kept fp32)"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the DiT"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the DiT (frozen base + LoRA) per block with FSDP2 (training.fsdp_shard): "
+                                                        "~14 GB less per GPU on 8 ranks; --eval_images >= ranks"})
     seed: int = field(default=0, metadata={"help": "global seed"})
     # logging / checkpoints / evaluation
     log_every: int = field(default=1, metadata={"help": "log line every N steps"})
@@ -235,11 +237,18 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ds = D.ImageDataset(args.data, args.resolution)
     m, lora_cfg = setup(args, dtype, device)
+    if args.fsdp:  # FSDP2 over the DiT's blocks (base and LoRA); every rank then runs every DiT call
+        if args.eval_every and args.eval_images < world:
+            raise ValueError(f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} < {world} ranks")
+        T.fsdp_shard(m, ("transformer",), dtype, world)
     params = [p for p in m.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.fsdp:
+        T.fsdp_track(opt, m)
     step, skipped = 0, 0
     if args.resume:
         step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
+        T.check_global_batch(st_meta, world, args.groups, key="groups")
         skipped = st_meta.get("skipped", 0)
     backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
     with torch.no_grad():
@@ -305,7 +314,8 @@ def main(argv=None):
                 loss, s = flow_grpo_loss(logp, logp_old[:, j], adv, args.eps_clip, kl, args.beta)
                 if not torch.isfinite(loss):
                     bad = True
-                    break
+                    if not args.fsdp:  # FSDP: every rank runs the same backwards (collectives); the step is skipped
+                        break
                 (loss / len(js)).backward()
                 if it == 0:  # statistics of the first (on-policy) pass
                     first.append((j, loss.detach(), s))

@@ -386,11 +386,11 @@ def fsdp_load_optimizer(path, m, opt):
     set_optimizer_state_dict(m, opt, osd)
 
 
-def check_global_batch(meta, world, per_rank):
+def check_global_batch(meta, world, per_rank, key="batch_size"):
     """A resume on another number of ranks (FSDP) continues the same run only with the same global batch:
-    per-rank batch x ranks (x grad_accum) as written. meta: load_train_state's."""
+    per-rank batch (args[key] x grad_accum) x ranks as written. meta: load_train_state's."""
     a = meta.get("args") or {}
-    old = (a.get("batch_size") or 0) * (a.get("grad_accum") or 1) * meta.get("world", world)
+    old = (a.get(key) or 0) * (a.get("grad_accum") or 1) * meta.get("world", world)
     if meta.get("world", world) != world and old != per_rank * world:
         raise M.CheckpointError(f"{meta['path']}: written with a global batch of {old} ({meta.get('world')} ranks); "
                                 f"{world} ranks x {per_rank} is {per_rank * world}: set the per-rank batch to {old // world}")
