@@ -838,6 +838,19 @@ PLAN_STAGES = [
 ]
 
 
+def plan_table(out):
+    """The plan's markdown table (what the README shows) from plan_main's result (GiB per GPU)."""
+    lines = [f"| stage (README real launch) | mode | params | grads | optimizer | activations | peak (phase) | "
+             f"fits {out['gpu_gib']:g} GiB |", "|---|---|---|---|---|---|---|---|"]
+    for st in out["stages"].values():
+        for mode in ("ddp", "fsdp"):
+            r = st[mode]
+            lines.append(f"| {st['title']} | {'DDP' if mode == 'ddp' else 'FSDP x%d' % out['gpus']} | {r['params']:.1f} | "
+                         f"{r['grads']:.1f} | {r['optim']:.1f} | {r['act']:.1f} | {r['peak']:.1f} ({r['peak_phase']}) | "
+                         f"{'yes' if st['fits'][mode] else 'no'} |")
+    return lines
+
+
 def plan_main(a):
     """bench.py --preset real --plan: measure, then per stage a table (DDP and FSDP x gpus) and a verdict."""
     if a.preset != "real":
@@ -886,15 +899,7 @@ def plan_main(a):
                                                {kk: vv / GiB for kk, vv in v.items()} if isinstance(v, dict) else v)
                                            for k, v in r.items()} for m, r in res.items()}}
         rows.append((st, res, verdict))
-    hdr = f"| stage (README real launch) | mode | params | grads | optimizer | activations | peak (phase) | fits {a.gpu_gib:g} GiB |"
-    print("\n" + hdr + "\n|---|---|---|---|---|---|---|---|")
-    for st, res, _ in rows:
-        for mode, r in res.items():
-            label = "DDP" if mode == "ddp" else f"FSDP x{a.gpus}"
-            print(f"| {st['title']} | {label} | {r['params'] / GiB:.1f} | {r['grads'] / GiB:.1f} | {r['optim'] / GiB:.1f} | "
-                  f"{r['act'] / GiB:.1f} | {r['peak'] / GiB:.1f} ({r['peak_phase']}) | "
-                  f"{'yes' if r['peak'] <= cap else 'no'} |")
-    print()
+    print("\n" + "\n".join(plan_table(out)) + "\n")
     for st, _, verdict in rows:
         print(f"verdict: {verdict}")
     out["seconds"] = time.time() - t0
