@@ -426,7 +426,8 @@ def main(a):
 #              call, e.g. autocast's bf16 copies of fp32 weights) scaled to the real token count, rows and
 #              depth; with checkpointing, what a checkpointed unit keeps (its inputs) + one unit recomputed.
 #   estimated: the optimizer (AdamW: 2 fp32 moments + foreach's one-copy temporary at the step),
-#              gradients (fp32, + training.allreduce_grads' flat copy under DDP), FSDP's gathered
+#              gradients (fp32, + training.allreduce_grads' flat copy under DDP), autocast's cache of bf16
+#              copies of fp32 trainable weights (DDP --dit_full with checkpointing), FSDP's gathered
 #              blocks (2 in bf16) and one block's unsharded gradients, the no-grad working sets of
 #              rollouts (one DiT block / VAE stage live at a time, bounded by the same block's saved
 #              bytes; KV cache; logits), and a 10 % margin for the CUDA context, fragmentation and what
@@ -766,6 +767,13 @@ def _dit_act(meas, P, variant, rows, N, L, ckpt):
     return _act(meas[variant], rows, N + L, P["dit_layers"], ckpt)
 
 
+def _autocast_cache(n):
+    """autocast keeps the bf16 copy of every fp32 leaf weight that requires grad until its region ends (one
+    velocity call): with checkpointing these copies are not saved tensors, but all of them are alive at the end
+    of the forward (without checkpointing the saved tensors already hold them). Estimated: 2 bytes x n."""
+    return 2 * n
+
+
 def _logits(P, rows, T, grad):
     """stage 2's completion_logprobs: the (rows, T, V) bf16 logits, and per row an fp32 copy that logsumexp
     keeps for backward (estimated from the code, not measured)."""
@@ -802,7 +810,7 @@ PLAN_STAGES = [
          parts=[("dit", 4, "transformer"), ("projector", 4, "projector"), ("encoder", 2, "encoder"), ("vae", 2, "vae")],
          trainable=("dit", "projector"),
          train=lambda P, m, b, ck, fs: _dit_act(m, P, "dit full16" if fs else "dit full32", b, 4096, 512, ck)
-         + _act(m["projector"], b, 512, 1, False),
+         + _act(m["projector"], b, 512, 1, False) + (0 if fs or not ck else _autocast_cache(P["dit"])),
          rollout=lambda P, m, b: max(_prefill(m, P, 4, PLAN_PROMPT), _dit_nograd(m, P, 8, 4096, 532), _vae_nograd(m, 4, 1024 ** 2))),
     dict(key="stage1_sem", title="stage 1 sem", knob="--batch_size", micro=2, fsdp=("transformer", "projector"),
          launch="stage1_coldstart.py --init out/stage1_fm --objective sem --reward clip --resolution 512 --batch_size 2 "
@@ -881,7 +889,7 @@ def plan_main(a):
                 ok = [b for b in (1, 2, 4, 8, 16, 32) if plan_stage(st, P, meas, a.gpus, mode == "fsdp", b, ck)["peak"] <= cap]
                 best[(mode, ck)] = max(ok) if ok else 0
         mode = "ddp" if fit["ddp"] else "fsdp"
-        fl = "" if mode == "ddp" else " --fsdp"
+        fl = "" if mode == "ddp" else " with --fsdp"
         if fit[mode]:
             verdict = (f"{st['title']}: fits in {a.gpu_gib:g} GiB {'without FSDP' if mode == 'ddp' else 'only with --fsdp'} at "
                        f"{st['knob']} {st['micro']} --grad_ckpt ({res[mode]['peak'] / GiB:.1f} GiB); largest {st['knob']} that "

@@ -18,9 +18,10 @@ Launch:
   python stage1_coldstart.py --init out/stage1_fm --data data/shapes/train/captions.jsonl --objective sem \
       --reward pixel --steps 10 --batch_size 4 --max_new_tokens 24 --out_dir out/stage1   # tiny cold start
   torchrun --nproc_per_node=2 stage1_coldstart.py --data data/shapes/train/captions.jsonl --steps 60  # 2 ranks (gloo)
-  # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training, then the cold start from it
+  # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training (the full DiT: --fsdp, see bench.py --plan),
+  # then the cold start from it
   torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
-      --objective fm --resolution 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
+      --objective fm --dit_full --fsdp --resolution 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
       --dtype bf16 --grad_ckpt --out_dir out/stage1_fm
   torchrun --nproc_per_node=8 stage1_coldstart.py --init out/stage1_fm --data images/ --objective sem \
       --reward clip --reward_path /ckpt/clip-vit-large-patch14 --resolution 512 --batch_size 2 \
@@ -44,7 +45,7 @@ Where this departs from the paper (which gives no stage-1 hyper-parameters) and 
    current encoder, adapter live; the sampling itself gets no gradient (that is stage 2's job).
 8. No EMA of the weights; AdamW with linear warmup + cosine to 10 %.
 9. Data parallel by one flat all-reduce of the trainable gradients (training.optimizer_step), not a
-   DDP wrapper. Each sample's (s, eps) comes from a generator seeded by (seed, micro-step, global
+   DDP wrapper; --fsdp shards the DiT and the projector with FSDP2 instead (docs/algorithm.md §6). Each sample's (s, eps) comes from a generator seeded by (seed, micro-step, global
    sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
    seeded per (micro-step, rank), so `sem` with temperature > 0 does (greedy captions do not).
 """
