@@ -72,7 +72,9 @@ def test_fsdp_two_ranks_equal_unsharded_one_rank(runs):
             assert abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])), (r1["step"], k, r1[k], r2[k])
     w1, w2 = weights(runs["one"]), weights(runs["two"])
     assert any(k.startswith("transformer.transformer_blocks.1.") for k in w2) and any(k.startswith("projector.") for k in w2)
-    assert max_diff(w1, w2) <= 1e-5
+    d = max_diff(w1, w2)
+    print(f"\n2 ranks --fsdp vs 1 rank unsharded: max |dw| = {d:.2e}")
+    assert d <= 1e-5
     assert max_diff(w1, runs["init"]) > 1e-4  # the weights did move (the comparison is not vacuous)
     meta = json.load(open(f"{runs['two']}/ckpt/uae.json"))
     assert meta["optim_sharded"] and meta["world"] == 2 and meta["transformer_full"]
@@ -89,7 +91,9 @@ def test_fsdp_resume_two_ranks_to_one(runs):
     assert [r["step"] for r in read_log(part)] == [1, 2]
     S.main(args_for(**{**vars(runs["a1"]), "fsdp": True, "resume": True, "out_dir": part}))
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
-    assert max_diff(weights(part), weights(runs["two"])) <= 1e-5
+    d = max_diff(weights(part), weights(runs["two"]))
+    print(f"\nresumed 2 -> 1 rank vs uninterrupted 2 ranks: max |dw| = {d:.2e}")
+    assert d <= 1e-5
     for ra, rb in zip(read_log(part), read_log(runs["two"])):
         assert abs(ra["loss/total"] - rb["loss/total"]) <= 1e-5, ra["step"]
 
@@ -99,7 +103,9 @@ def test_fsdp_resume_one_rank_to_two(runs):
     part = runs["part1"]
     wait(torchrun(runs["a2"], part, extra=["--resume", "true"]))
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
-    assert max_diff(weights(part), weights(runs["one"])) <= 1e-5
+    d = max_diff(weights(part), weights(runs["one"]))
+    print(f"\nresumed 1 -> 2 ranks vs uninterrupted 1 rank: max |dw| = {d:.2e}")
+    assert d <= 1e-5
 
 
 @pytest.mark.slow
