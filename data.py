@@ -9,7 +9,6 @@ import os
 import shutil
 import stat
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -79,11 +78,12 @@ def _open_checked(path, max_pixels):
     from PIL import Image
     check_image_file(path)
     cap = int(max_pixels or MAX_PIXELS)
-    if Image.MAX_IMAGE_PIXELS is not None and cap > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = cap  # a cap raised by the user on purpose: PIL's own check must not undercut it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides, by name, below
-        im = Image.open(path)
+    pil_cap = Image.MAX_IMAGE_PIXELS
+    try:  # our cap decides, by name, just below (PIL's own check would word it otherwise, or undercut a raised cap)
+        Image.MAX_IMAGE_PIXELS = None
+        im = Image.open(path)  # reads the header only
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_cap
     w, h = im.size
     if w * h > cap:
         im.close()

@@ -81,14 +81,18 @@ def one_line(msg):
 
 def cli(main):
     """Every script's `if __name__ == "__main__":`. A user error (UsageError, data.DataError,
-    data.CheckpointError) prints `error: <one line>` to stderr (rank 0 only under torchrun) and
-    exits 2 on every rank; any other exception is a bug and keeps its traceback. main's int result
-    is the exit status (eval), anything else exits 0."""
+    data.CheckpointError) prints `error: <one line>` to stderr and exits 2; any other exception is a
+    bug and keeps its traceback. main's int result is the exit status (eval), anything else exits 0.
+    Under torchrun every rank checks the same things, so rank 0 prints at once and the others wait
+    3 s first: torchrun stops them when rank 0 exits, and only an error rank 0 did not have (a file
+    missing on one node) gets its own `error: [rank r] ...` line."""
     try:
         rc = main()
     except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0") or 0) == 0:
-            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank:
+            time.sleep(3)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}", file=sys.stderr, flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         sys.exit(2)
@@ -284,7 +288,8 @@ def check_out_dir(args, stage, harmless=()):
              "or another --out_dir")
         return args
     if cur is None:
-        print(f"--resume: no checkpoint in {out}: starting at step 0", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"--resume: no checkpoint in {out} yet: starting at step 0", file=sys.stderr)
         return dataclasses.replace(args, resume=False)
     meta = check_checkpoint(out, "--resume: out_dir")
     if meta.get("stage") != stage:
@@ -429,7 +434,9 @@ class RunLog:
     out_dir: with overwrite, the previous run's outputs go (remove_run); leftovers of an interrupted
     checkpoint write are removed (clean_leftovers); with resume, the log is cut back to the
     checkpoint's `step` (trim_log: a crash after the checkpoint leaves lines that the resumed run
-    writes again). The log is always opened for append: nothing earlier is ever truncated here."""
+    writes again), and without it to nothing (validate_run lets a fresh run into a folder with a log
+    only when that log is empty, or the run is --resume finding no checkpoint: its steps are redone).
+    The log is then opened for append."""
 
     def __init__(self, out_dir, master, args=None, wandb_project="", tensorboard=False, resume=False, step=0,
                  overwrite=False):
@@ -441,8 +448,7 @@ class RunLog:
             remove_run(out_dir)
         clean_leftovers(out_dir)
         path = os.path.join(out_dir, "log.jsonl")
-        if resume:
-            trim_log(path, step)
+        trim_log(path, step if resume else -1)  # a fresh start: only --resume without a checkpoint leaves lines here
         self.f = open(path, "a")
         if wandb_project:
             import wandb
@@ -546,8 +552,10 @@ def ckpt_dir(out_dir):
 
 
 def _replace_link(out_dir, target_name):
+    """Point out_dir/ckpt at target_name (relative: the folder can be moved) with one atomic rename."""
     tmp = os.path.join(out_dir, f".ckpt-link-{uuid.uuid4().hex[:8]}")
     os.symlink(target_name, tmp)
+    _phase("link-made")
     os.replace(tmp, os.path.join(out_dir, LINK))
 
 
