@@ -280,6 +280,22 @@ def test_resume_refuses_a_checkpoint_without_rng_and_other_changes(tmp_path, dat
     assert snapshot(out) == before
 
 
+def test_stage1_resume_names_dit_full_and_objective(tmp_path, data):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"image": os.path.join(data, f"img{i}.png"), "caption": f"a picture {i}"}) + "\n"
+                          for i in range(4)))
+    out = str(tmp_path / "s1")
+    base = ["--data", str(jl), "--lora_r", "4", "--batch_size", "2", "--warmup", "0", "--sample_every", "0",
+            "--max_new_tokens", "8", "--reward", "pixel", "--out_dir", out]
+    S1.main(base + ["--steps", "1"])
+    before = snapshot(out)
+    _uerr(S1.main, base + ["--steps", "2", "--resume", "--dit_full", "true"], match="--dit_full False (given True)")
+    _uerr(S1.main, base + ["--steps", "2", "--resume", "--objective", "fm+sem", "--batch_size", "4"],
+          match="--objective 'fm' (given 'fm+sem')")
+    _uerr(S1.main, base + ["--steps", "2", "--resume", "--batch_size", "4"], match="--batch_size 2 (given 4)")
+    assert snapshot(out) == before
+
+
 def test_check_checkpoint_names_what_is_wrong(ref3, tmp_path):
     T.check_checkpoint(ref3)
     T.check_checkpoint(os.path.join(ref3, "ckpt"))
