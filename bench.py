@@ -34,7 +34,7 @@ import reward as R
 import stage2_grpo_und as S2
 import stage3_grpo_gen as S3
 
-PRESETS = {  # random-weight sizes built here (tiny: model.build_tiny's); res: image side
+PRESETS = {  # random-weight sizes built here (tiny: tiny.build_tiny's); res: image side
     "tiny": dict(res=64),
     "small": dict(res=128, hidden=256, layers=4, heads=4, kv=2, inter=512, vocab=None, tie=False, patch=8,
                   vdepth=2, vhidden=64, vheads=2, vinter=128, window=64, fullatt=[1], dit_layers=4, dit_heads=4,

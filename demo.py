@@ -5,7 +5,7 @@ The shapes-world demo: the whole UAE recipe on CPU in minutes, where the "aha mo
     python demo.py --seed 1 --out_dir out/demo-s1
     python demo.py --quick            # a shortened run that only checks that everything is produced
 
-It runs the real scripts, unchanged, as subprocesses:
+It runs the real scripts, unchanged, as subprocesses (stages with --overwrite: a rerun replaces the last one):
   data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / held-out val)
   data/shapes/standins.py     stand-ins for what a real user downloads, trained here in ~2.5 minutes: a
                               tiny CLIP (the semantic reward), a tiny VAE, a tiny captioner fine-tuned on
@@ -94,23 +94,23 @@ def main():
     quick = ["--vae_steps", "4", "--clip_steps", "4", "--cap_steps", "4", "--eval_n", "4", "--eval_G", "2"] if q else []
     run(["data/shapes/standins.py", "--data", data, "--out", S, *seed, *quick], log, times, "standins")
     run(["stage1_coldstart.py", *base, "--resolution", "64", "--data", train, "--objective", "fm", "--steps", str(n["fm_steps"]),
-         "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000", "--out_dir", f"{out}/stage1_fm", *seed],
+         "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000", "--out_dir", f"{out}/stage1_fm", "--overwrite", *seed],
         log, times, "stage1 fm")
     run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--resolution", "64", "--data", train, "--objective", "sem", *reward,
          "--steps", str(n["sem_steps"]), "--batch_size", "8", "--max_new_tokens", "40", "--lr", "3e-4", "--sample_every", "0",
-         "--save_every", "100000", "--out_dir", f"{out}/stage1", *seed], log, times, "stage1 sem")
+         "--save_every", "100000", "--out_dir", f"{out}/stage1", "--overwrite", *seed], log, times, "stage1 sem")
     bench = ["--src", val, "--steps", "10", "--cfg", "1.0", "--max_new_tokens", "40", "--temperature", "0.7",
              "--backbones", "clip,pixel", "--clip_path", f"{S}/clip", "--batch_size", "8", *seed]
     run(["eval_unified.py", "--init", f"{out}/stage1", "--out_dir", f"{out}/bench_stage1", *bench], log, times, "bench after 1")
     run(["stage2_grpo_und.py", "--init", f"{out}/stage1", "--resolution", "64", "--data", train, *reward, "--steps", str(n["s2_steps"]),
          "--G", "8", "--batch_size", "4", "--micro_batch", "32", "--max_new_tokens", "40", "--sample_steps", "8", "--cfg", "1.0",
-         "--lr", "1e-3", "--beta", "0.04", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage2", *seed,
+         "--lr", "1e-3", "--beta", "0.04", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage2", "--overwrite", *seed,
          "--eval_every", str(n["eval_every"]), "--eval_data", val, "--eval_images", "16", "--eval_G", "4"],
         log, times, "stage2")
     run(["eval_unified.py", "--init", f"{out}/stage2", "--out_dir", f"{out}/bench_stage2", *bench], log, times, "bench after 2")
     run(["stage3_grpo_gen.py", "--init", f"{out}/stage2", "--resolution", "64", "--data", train, *reward, "--steps", str(n["s3_steps"]),
          "--G", "4", "--groups", "2", "--sample_steps", "8", "--eval_steps", "10", "--cfg", "1.0", "--max_new_tokens", "40",
-         "--lr", "1e-3", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage3", *seed,
+         "--lr", "1e-3", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage3", "--overwrite", *seed,
          "--eval_every", str(n["eval_every"]), "--eval_images", "8"], log, times, "stage3")
     run(["eval_unified.py", "--init", f"{out}/stage3", "--out_dir", f"{out}/bench_stage3", *bench], log, times, "bench after 3")
     times["total"] = time.time() - t_start

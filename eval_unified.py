@@ -36,8 +36,11 @@ Departures from the released benchmark script (and demo), numbered:
     default captions are sampled one image at a time for that reason (--batch_captions is faster).
  4. Pairs are matched by file name stem (a.jpg <-> a.png), not by the full name; two sources with
     the same stem are reported and the first (sorted) is kept.
- 5. Files are read with PIL and .convert("RGB") for scoring (alpha dropped, as the released
-    script does); unreadable files and missing partners are reported, never fatal.
+ 5. Files are read by data.read_image, as training reads them (the released script: PIL's
+    .convert("RGB")): EXIF orientation applied, 16-bit / float images scaled instead of clipped
+    white, alpha composited on white instead of dropped; only regular files are opened and images
+    over --max_pixels are refused from their header. Unreadable files and missing partners are
+    reported, never fatal.
  6. overall = mean over the selected backbones among CLIP/LongCLIP/DINOv2/DINOv3 (extra ones such
     as 'pixel' are shown but not averaged in); std is over pairs with ddof = 0.
 """
@@ -100,6 +103,7 @@ class Args:
     longclip_path: str = arg("", "LongCLIP-L checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     dinov2_path: str = arg("", "DINOv2 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     dinov3_path: str = arg("", "DINOv3 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
+    max_pixels: int = arg(D.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,14 +111,17 @@ class Args:
 
 def list_images(folder):
     """Top-level image files of `folder` -> ({stem: path}, problems). Hidden files and
-    sub-folders are ignored; other files and duplicate stems are problems."""
+    sub-folders are ignored; other files, non-regular files (a FIFO is never opened) and duplicate
+    stems are problems."""
     files, problems = {}, []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith(".") or os.path.isdir(path):
             continue
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in D.IMAGE_EXTS:
+        if not os.path.isfile(path):
+            problems.append({"file": path, "reason": "not a regular file (a FIFO, socket, device or broken link)"})
+        elif ext.lower() not in D.IMAGE_EXTS:
             problems.append({"file": path, "reason": f"not an image file (extension {ext or 'none'!r})"})
         elif stem in files:
             problems.append({"file": path, "reason": f"same stem as {files[stem]} (kept that one)"})
@@ -164,12 +171,8 @@ def markdown_table(stats, summary, label="ours", backbones=BENCH):
 
 
 def read_rgb(path):
-    """A file as the released script reads it: PIL, .convert("RGB"), native size -> (3, H, W) in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(a).permute(2, 0, 1).float() / 255
+    """A file at native size -> (3, H, W) in [0, 1], read as training reads it (data.read_image; departure 5)."""
+    return D.read_image(path)
 
 
 @torch.no_grad()
@@ -249,12 +252,11 @@ def generate(args, items, rank, device, dtype):
             pairs.append((stem, path, rp))
             continue
         try:  # a cheap header check, so that a run left with only bad files never loads the model
-            with Image.open(path) as im:
-                im.verify()
+            D.check_image(path)
             todo.append((stem, path))
-        except Exception as e:
-            problems.append({"file": path, "reason": f"cannot read image ({type(e).__name__}: {e})"})
-            tqdm.write(f"warning: {path}: {problems[-1]['reason']} (skipped)")
+        except D.ImageError as e:
+            problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
+            tqdm.write(f"warning: {e} (skipped)")
     n_reused, m = len(pairs), None
     if todo:
         m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
@@ -302,16 +304,21 @@ def generate(args, items, rank, device, dtype):
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
     from tqdm import tqdm
     import reward
-    args, = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    args = T.parse_args(Args, argv)
     released.apply_sampling_preset(args, args.preset_sampling)
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not args.src or not os.path.isdir(args.src):
-        sys.exit(f"error: --src {args.src!r} is not a folder of source images")
+        raise T.UsageError(f"--src {args.src!r} is not a folder of source images")
     if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
-        sys.exit(f"error: --score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
+        raise T.UsageError(f"--score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
+    T.at_least(args, 1, "max_pixels", "batch_size", "steps", "max_new_tokens")
+    T.need(not (set(names) - set(reward.BACKBONES)) and names,
+           f"--backbones {args.backbones!r}: choose from {', '.join(reward.BACKBONES)}")
+    if args.init and not args.score_only:
+        T.check_init(args.init)
+    D.MAX_PIXELS = args.max_pixels
     rank, world, device = T.dist_setup(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
@@ -394,4 +401,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    T.cli(main)

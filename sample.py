@@ -11,7 +11,6 @@ Sampling defaults are the released demo's: temperature 0.7, 512 new tokens, 40 s
 """
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +18,7 @@ import torch
 import data as D
 import model
 import released
+import training as T
 
 COMMANDS = ("caption", "generate", "reconstruct")
 
@@ -49,6 +49,7 @@ class Args:
     steps: int = arg(40, "decoder sampling steps")
     cfg: float = arg(5.0, "classifier-free guidance scale")
     seed: int = arg(0, "seed for the caption sampling and the initial noise")
+    max_pixels: int = arg(D.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
 def out_path(out, ext, stem):
@@ -64,15 +65,20 @@ def save_png(path, im):
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
-    p = HfArgumentParser(Args)
+    p = T.arg_parser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
     args, ns = p.parse_args_into_dataclasses(argv)
     released.apply_sampling_preset(args, args.preset_sampling)
     if ns.command in ("caption", "reconstruct") and not args.image:
-        sys.exit(f"error: {ns.command} needs --image")
+        raise T.UsageError(f"{ns.command} needs --image")
     if ns.command == "generate" and not args.prompt:
-        sys.exit("error: generate needs --prompt")
+        raise T.UsageError("generate needs --prompt")
+    T.at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
+    D.MAX_PIXELS = args.max_pixels
+    if ns.command in ("caption", "reconstruct"):
+        D.check_image(args.image)  # a FIFO, a non-image or an oversized file: refused before any model loads
+    if args.init:
+        T.check_init(args.init)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
@@ -82,10 +88,7 @@ def main(argv=None):
     size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
 
     if ns.command in ("caption", "reconstruct"):
-        try:
-            x = D.load_image(args.image, size)[None].to(device)  # (1, 3, S, S)
-        except D.ImageError as e:
-            sys.exit(f"error: {e}")
+        x = D.load_image(args.image, size)[None].to(device)  # (1, 3, S, S); an ImageError is one line (T.cli)
         stem = os.path.splitext(os.path.basename(args.image))[0]
         text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                  instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first).texts[0]
@@ -111,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

@@ -45,8 +45,8 @@ Where this departs from the paper (which gives no stage-1 hyper-parameters) and 
    current encoder, adapter live; the sampling itself gets no gradient (that is stage 2's job).
 8. No EMA of the weights; AdamW with linear warmup + cosine to 10 %.
 9. Data parallel by one flat all-reduce of the trainable gradients (training.optimizer_step), not a
-   DDP wrapper; --fsdp shards the DiT and the projector with FSDP2 instead (docs/algorithm.md §6). Each sample's (s, eps) comes from a generator seeded by (seed, micro-step, global
-   sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
+   DDP wrapper (--fsdp shards the DiT and the projector with FSDP2 instead: docs/algorithm.md §6). Each
+   sample's (s, eps) comes from a generator seeded by (seed, micro-step, global sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
    seeded per (micro-step, rank), so `sem` with temperature > 0 does (greedy captions do not).
 """
 import json
@@ -115,7 +115,10 @@ class Args:
     sample_every: int = field(default=100, metadata={"help": "write samples/step*.png (source | reconstruction + caption); 0 = never"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     log_every: int = field(default=1, metadata={"help": "print a log line every N steps (the JSONL gets every step)"})
-    resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir/ckpt (fresh start if there is none)"})
+    resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir/ckpt (fresh start if there is none); "
+                                                           "flags that change the optimisation must be the saved ones"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
+    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
     wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
     tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
 
@@ -304,8 +307,28 @@ def _finite(d):
 
 # ----------------------------------------------------------------------------------------------
 
+def validate(args):
+    """Every flag, the data and a resume's compatibility, before anything is loaded or written
+    (training.validate_run does the shared part). A user error raises training.UsageError."""
+    if not args.data:
+        raise T.UsageError(T.no_data("python stage1_coldstart.py --data data/shapes/train/captions.jsonl --resolution 64 "
+                                     "--steps 60 --batch_size 8 --lr 1e-3 --out_dir out/stage1_fm"))
+    T.one_of(args, "objective", ("fm", "sem", "fm+sem"))
+    T.one_of(args, "cond_source", ("text", "captioning_pass"))
+    T.at_least(args, 1, "batch_size", "grad_accum", "sample_n", "sample_steps", "sem_sample_steps")
+    T.at_least(args, 0, "w_fm", "w_sem", "s_std", "sem_steps_k", "stop_after")
+    T.finite(args, "s_mean", "cfg")
+    objs = args.objective.split("+")
+    T.need(sum(getattr(args, f"w_{o}") for o in objs) > 0, f"--objective {args.objective} with weight 0: nothing can learn")
+    T.need(args.sem_steps_k <= args.sem_sample_steps, f"--sem_steps_k {args.sem_steps_k}: at most --sem_sample_steps "
+                                                      f"({args.sem_sample_steps})")
+    size = args.resolution or (64 if args.preset == "tiny" else 512)
+    return T.validate_run(args, "stage1", size=size, datasets=[("data", "fm" in objs)], harmless=("cfg", "sample_steps"))
+
+
 def main(argv=None):
     args = T.parse_args(Args, argv)
+    args = validate(args)
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     objs = args.objective.split("+")
@@ -321,20 +344,15 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)                   # (every draw below is also seeded explicitly)
     step = 0
     if resume:
-        step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
-        T.check_global_batch(st_meta, world, args.batch_size * args.grad_accum)
-        if master:  # drop log lines past the checkpoint (a crash after it), so the JSONL reads as one run
-            lp = os.path.join(args.out_dir, "log.jsonl")
-            if os.path.exists(lp):
-                keep = [ln for ln in open(lp) if ln.strip() and json.loads(ln).get("step", 0) <= step]
-                open(lp, "w").writelines(keep)
+        step, _ = T.load_train_state(args.out_dir, opt, rank, world)
     backbone = None
     if "sem" in objs:
         import reward as R
         backbone = R.load_backbone(args.reward, args.reward_path or None, device=device).to(device)
         backbone.requires_grad_(False)
         backbone.eval()
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume)
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume, step=step,
+                   overwrite=args.overwrite)
     if master:
         print(f"stage 1 ({args.objective}): {len(ds)} images at {size}px, {world} rank(s), "
               f"{args.batch_size}x{args.grad_accum} images/rank/step, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
@@ -416,4 +434,4 @@ def log_line(step, met, lr, gnorm, skipped):
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

@@ -95,7 +95,10 @@ class Args:
     log_every: int = field(default=1, metadata={"help": "log line every N steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     sample_every: int = field(default=50, metadata={"help": "write samples/step*.png + .jsonl every N steps (0 = never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly (fresh start if there is none); "
+                                                           "flags that change the optimisation must be the saved ones"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
+    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
     wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
     tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
 
@@ -169,34 +172,53 @@ def reconstruct(m, texts, noise, neg, args):
 
 # ----------------------------------------------------------------------------------------------
 
+def validate(args):
+    """Every flag, the data and a resume's compatibility, before anything is loaded or written
+    (training.validate_run does the shared part). A user error raises training.UsageError."""
+    if not args.data:
+        raise T.UsageError(T.no_data("python stage2_grpo_und.py --data data/shapes/train/captions.jsonl --resolution 64 "
+                                     "--reward pixel --G 4 --batch_size 2 --max_new_tokens 24 --sample_steps 6 --cfg 1.0 "
+                                     "--steps 10 --lr 5e-3"))
+    T.at_least(args, 2, "G", why="a group of one caption has advantage 0: nothing can learn")
+    T.at_least(args, 1, "batch_size", "micro_batch", "mu", "sample_steps", "eval_images", "eval_G")
+    T.at_least(args, 0, "eps_low", "eps_high", "beta", "std_floor", "eval_every")
+    T.above(args, 0, "temperature", why="at 0 the G captions of a group are identical: nothing can learn")
+    T.need(args.top_p == 1 and args.top_k == 0,  # sampling would not draw from the distribution completion_logprobs scores
+           f"--top_p {args.top_p} / --top_k {args.top_k}: GRPO scores the untruncated distribution; "
+           "use --top_p 1 --top_k 0 (lower --temperature to sharpen sampling)")
+    T.need(args.eps_low < 1, f"--eps_low {args.eps_low}: must be < 1")
+    T.finite(args, "cfg")
+    T.one_of(args, "loss_agg", ("dapo", "grpo", "dr_grpo"))
+    T.one_of(args, "scale_rewards", ("group", "batch", "none"))
+    data = [("data", False)] + ([("eval_data", False)] if args.eval_every and args.eval_data else [])
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    T.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
+           f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
+    return T.validate_run(args, "stage2", size=args.resolution, datasets=data)
+
+
 def main(argv=None):
     import reward as R
     args = T.parse_args(Args, argv)
-    if args.top_p < 1 or args.top_k > 0:  # sampling would not draw from the distribution completion_logprobs scores
-        raise ValueError(f"--top_p {args.top_p} / --top_k {args.top_k}: GRPO scores the untruncated distribution; "
-                         "use --top_p 1 --top_k 0 (lower --temperature to sharpen sampling)")
+    args = validate(args)
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ds = D.ImageDataset(args.data, args.resolution)
     m, lora_cfg = setup(args, dtype, device)
     if args.fsdp:  # FSDP2 over the environment's DiT blocks; every rank then runs every DiT call
-        if args.eval_every and args.eval_images < world:
-            raise ValueError(f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} < {world} ranks")
         T.fsdp_shard(m, ("transformer",), dtype, world)
     torch.manual_seed(args.seed + rank)  # unseeded draws (batched generate) differ by rank
     params = [p for p in m.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.fsdp:
         T.fsdp_track(opt, m)
-    step = 0
-    if args.resume:
-        step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
-        T.check_global_batch(st_meta, world, args.batch_size)
+    step = T.load_train_state(args.out_dir, opt, rank, world)[0] if args.resume else 0
     backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
     with torch.no_grad(), M.adapters_disabled(m.encoder):
         neg = m.condition([M.NEGATIVE_PROMPT])  # the environment's: pre-stage weights, adapter off (as on resume)
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume, step=step,
+                   overwrite=args.overwrite)
     if master:
         print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
@@ -392,4 +414,4 @@ def write_samples(out_dir, step, x, recon, texts, r, G, names):
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

@@ -105,7 +105,10 @@ class Args:
     sample_every: int = field(default=50, metadata={"help": "write samples/step*.png (source | G samples) every N steps (0 = never)"})
     eval_every: int = field(default=100, metadata={"help": "fixed ODE eval (eval_steps): before step 1, every N steps, at the end (0 = never)"})
     eval_images: int = field(default=8, metadata={"help": "samples in the fixed eval set (image i mod len(data), one fixed noise each)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly (fresh start if there is none); "
+                                                           "flags that change the optimisation must be the saved ones"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
+    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
     wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
     tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
 
@@ -229,17 +232,38 @@ def caption_groups(m, x, seeds, args):
     return m.sample_captions_seeded(x, seeds, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
 
 
+def validate(args):
+    """Every flag, the data and a resume's compatibility, before anything is loaded or written
+    (training.validate_run does the shared part). A user error raises training.UsageError."""
+    if not args.data:
+        raise T.UsageError(T.no_data("python stage3_grpo_gen.py --data data/shapes/train/captions.jsonl --resolution 64 "
+                                     "--reward pixel --G 4 --groups 2 --sample_steps 6 --eval_steps 6 --max_new_tokens 24 "
+                                     "--steps 10 --lr 1e-3"))
+    T.at_least(args, 2, "G", why="a group of one sample has advantage 0: nothing can learn")
+    T.at_least(args, 2, "sample_steps", why="the last sampler step is never trained: with one, nothing is")
+    T.at_least(args, 1, "groups", "eval_steps", "mu", "eval_images")
+    T.at_least(args, 0, "beta", "adv_clip", "std_floor", "eval_every")
+    T.above(args, 0, "noise_level", why="at 0 the sampler is deterministic: no log-prob to train")
+    T.above(args, 0, "eps_clip", "train_frac")
+    T.need(args.train_frac <= 1, f"--train_frac {args.train_frac}: must be in (0, 1]")
+    T.finite(args, "cfg")
+    T.one_of(args, "scale_rewards", ("group", "batch", "none"))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    T.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
+           f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
+    return T.validate_run(args, "stage3", size=args.resolution, datasets=[("data", False)])
+
+
 def main(argv=None):
     import reward as R
     args = T.parse_args(Args, argv)
+    args = validate(args)
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ds = D.ImageDataset(args.data, args.resolution)
     m, lora_cfg = setup(args, dtype, device)
     if args.fsdp:  # FSDP2 over the DiT's blocks (base and LoRA); every rank then runs every DiT call
-        if args.eval_every and args.eval_images < world:
-            raise ValueError(f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} < {world} ranks")
         T.fsdp_shard(m, ("transformer",), dtype, world)
     params = [p for p in m.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -248,13 +272,13 @@ def main(argv=None):
     step, skipped = 0, 0
     if args.resume:
         step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
-        T.check_global_batch(st_meta, world, args.groups, key="groups")
         skipped = st_meta.get("skipped", 0)
     backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
     with torch.no_grad():
         neg = m.condition([args.negative_prompt]) if args.cfg != 1.0 else None   # frozen (1, L, D)
     sig = m.sigmas(args.sample_steps)                                             # (steps+1,) s_0 = 1 ... 0
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume)
+    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume, step=step,
+                   overwrite=args.overwrite)
     if master:
         print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
@@ -430,4 +454,4 @@ def write_samples(path, x, recon, caps, r, G):
 
 
 if __name__ == "__main__":
-    main()
+    T.cli(main)

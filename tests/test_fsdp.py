@@ -80,6 +80,7 @@ def test_fsdp_two_ranks_equal_unsharded_one_rank(runs):
     assert meta["optim_sharded"] and meta["world"] == 2 and meta["transformer_full"]
     assert not any(k.startswith("optim.") for k in load_file(f"{runs['two']}/ckpt/weights.safetensors"))
     assert os.path.isfile(f"{runs['two']}/ckpt/sharded/.metadata")
+    assert not [n for n in os.listdir(runs["two"]) if n.startswith(".ckpt")]   # the staging folder moved in
     back = M.load_uae(init=runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
     assert torch.equal(back.transformer.transformer_blocks[0].attn.to_q.weight,
                        w2["transformer.transformer_blocks.0.attn.to_q.weight"])
@@ -138,12 +139,17 @@ def test_clip_without_sharded_params_is_torchs():
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
 
 
-def test_check_global_batch():
-    meta = {"path": "x", "world": 2, "args": {"batch_size": 1, "grad_accum": 2}}
-    T.check_global_batch(meta, 2, 2)          # same rank count: nothing to check
-    T.check_global_batch(meta, 1, 4)          # 1 rank x 2 x accum 2 = 2 ranks x 1 x 2
-    with pytest.raises(M.CheckpointError, match="global batch of 4"):
-        T.check_global_batch(meta, 1, 2)
+def test_resume_on_another_rank_count_needs_fsdp_and_the_global_batch():
+    meta = {"path": "x", "world": 2, "optim_sharded": True, "args": {"batch_size": 1, "grad_accum": 2}}
+    a = args_for(fsdp=True, batch_size=2, grad_accum=2)                   # 1 rank x 2 x 2 = 2 ranks x 1 x 2
+    assert T.resharded_resume(a, meta, 1, "stage1") == {"batch_size", "grad_accum"}
+    assert T.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=4), meta, 1, "stage1")
+    with pytest.raises(T.UsageError, match="global batch of 4"):
+        T.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=2), meta, 1, "stage1")
+    with pytest.raises(T.UsageError, match="same number of ranks"):
+        T.resharded_resume(args_for(fsdp=False, batch_size=2, grad_accum=2), meta, 1, "stage1")
+    with pytest.raises(T.UsageError, match="same number of ranks"):
+        T.resharded_resume(a, {**meta, "optim_sharded": False}, 1, "stage1")
 
 
 def test_fsdp_checkpoint_needs_fsdp_to_resume(tmp_path, tiny_paths):
@@ -151,8 +157,11 @@ def test_fsdp_checkpoint_needs_fsdp_to_resume(tmp_path, tiny_paths):
     a = args_for(data=data, out_dir=str(tmp_path / "o"), objective="fm", steps=2, stop_after=1, fsdp=True)
     S.main(a)
     assert os.path.isdir(tmp_path / "o" / "ckpt" / "sharded")
-    with pytest.raises(M.CheckpointError, match="resume with --fsdp"):
+    with pytest.raises(T.UsageError, match=r"--fsdp True \(given False\)"):      # named before anything loads
         S.main(args_for(**{**vars(a), "fsdp": False, "resume": True, "stop_after": 0}))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])                  # and load_train_state's own guard
+    with pytest.raises(M.CheckpointError, match="resume with --fsdp"):
+        T.load_train_state(str(tmp_path / "o"), opt, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- stages 2 and 3

@@ -61,6 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import data as D  # noqa: E402
 import model  # noqa: E402
+import tiny  # noqa: E402
 import training as T  # noqa: E402
 import prepare  # noqa: E402
 from reward import CLIP_MEAN, CLIP_STD  # noqa: E402
@@ -433,8 +434,8 @@ def main(argv=None):
     rep, times = {}, {}
 
     t = time.time()  # build_tiny: the tokenizer trained on the shapes captions, the processor, the DiT, the scheduler
-    corpus = model.TINY_CORPUS + sorted({r["caption"] for r in recs})
-    model.build_tiny(f"{tmp}/base", seed=a.seed, corpus=corpus, image_size=a.size)
+    corpus = tiny.TINY_CORPUS + sorted({r["caption"] for r in recs})
+    tiny.build_tiny(f"{tmp}/base", seed=a.seed, corpus=corpus, image_size=a.size)
     os.makedirs(f"{tmp}/decoder")
     shutil.move(f"{tmp}/base/decoder/scheduler", f"{tmp}/decoder/scheduler")
     build_dit(a).save_pretrained(f"{tmp}/decoder/transformer", safe_serialization=True)
