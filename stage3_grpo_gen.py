@@ -41,17 +41,22 @@ Where this departs from the paper (which gives no RL details for this stage) and
    generate call.
 7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration (Flow-GRPO
    permutes timesteps per sample in some versions); each trained step gets its own backward.
-8. Captions are cached (--captions_per_image K, default 8; 0 = as before, a fresh caption at
+8. Captions are cached (--captions_per_image K, default 4; 0 = as before, a fresh caption at
    every visit). Before step 1 the frozen encoder captions every image the run will visit K times
    (one generate call of K rows per image, sharded over ranks) into out_dir/captions.jsonl, which
    --resume and reruns read back (a file from other data, K, sampling or encoder is refused); a
    visit uses one of its image's K, each once in any K consecutive epochs. What this changes:
-   an image gets K different captions over the run instead of a new one per visit, the same
-   up to K epochs, repeated after. Why: captioning was ~37% of the step, every step (bench.py),
-   and costs more at real size (~500-token captions from a 3B LVLM). Why 8: K rows in one
-   generate call cost about what one row does up to K = 8 (measured on tiny, CPU; at real size
-   decoding is memory-bound, so the same is expected on a GPU, not measured), so the one-off cost
-   is about one caption per image the run visits.
+   an image gets K different captions over the run instead of a new one per visit (the same up
+   to K epochs, repeated after; Flow-GRPO itself repeats one fixed prompt), and captioning moves
+   out of the step: -32..-34% per step at 2 threads, -28% at 1 (bench.py, tiny, the same captions
+   with and without the cache: about the captioning share, 30-34% of the step that day), for a
+   one-off cost before step 1. Only the text is cached: the condition is recomputed each step
+   (~4 ms, 2% of the tiny step; at real size ~5 MB per caption to store). Why 4: K rows in one
+   generate call cost 1.06-1.09x (K 2), 1.20-1.27x (K 4), 1.41-1.47x (K 8), 1.78-1.96x (K 16) one
+   row (tiny, CPU, bench.py --sweep, 3 runs); 4 is the largest K within about a quarter of one
+   caption per visited image, so the cache costs about what captioning each image once does and
+   pays from the second epoch on (a run of one epoch or less gains nothing: use 0). At real size
+   decoding is memory-bound, so K rows should cost less extra; not measured here.
 
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
 v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
@@ -100,12 +105,13 @@ class Args:
     mu: int = field(default=1, metadata={"help": "num_inner_epochs: policy updates per sampled batch"})
     temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature (0 = greedy)"})
     max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
-    captions_per_image: int = field(default=8, metadata={"help": (
+    captions_per_image: int = field(default=4, metadata={"help": (
         "K: before step 1 the frozen encoder captions every image the run will visit K times, once (one generate call "
         "of K rows per image, seeded per image; sharded over ranks), kept in out_dir/captions.jsonl (--resume and "
         "reruns read it back); each visit uses one of the K, a different one in each of K consecutive epochs. "
-        "0 = a fresh caption at every visit, as before. Default 8: 8 rows cost about what 1 does, so "
-        "a run of <= 8 epochs sees as many different captions per image as captioning at every visit (departure 8)")})
+        "0 = a fresh caption at every visit, as before. Default 4: the largest K whose one-off cost stays within "
+        "about a quarter of one caption per image (tiny, CPU: 1.2-1.27x; 8: 1.41-1.47x; 16: 1.78-1.96x; "
+        "bench.py --sweep) (departure 8)")})
     # optimisation
     lora_r: int = field(default=32, metadata={"help": "DiT LoRA rank (Flow-GRPO: 32)"})
     lora_alpha: int = field(default=64, metadata={"help": "DiT LoRA alpha (Flow-GRPO: 64)"})

@@ -46,6 +46,7 @@ def test_quick_writes_both_stages(tmp_path, tiny_paths):
         t = r["target"]
         assert t["calib_ref_s"] == bench.CALIB_REF_S[2] and t["peer"] and t["peer_value"] > 0 and t["factor"] > 0
         assert t["measured"] > 0 and t["measured_raw"] > 0 and t["pass"] == (t["measured"] <= t["target"])
+        assert t["measured_iqr"][0] <= t["measured"] <= t["measured_iqr"][1] and isinstance(t["clear"], bool)
     # stage 3 measured with its caption cache (the stage's default) and without, in alternate rounds
     c = d["stage3_cache"]
     assert c["K"] == S3.Args.captions_per_image > 0 and c["paired_ratio"] > 0 and 0 < c["caption_share_without"] < 1
@@ -61,7 +62,7 @@ def test_quick_sweep_tables(tmp_path, tiny_paths):
         assert len(s["values"]) == len(s["step_s"]) == len(s["step_s_min"]) == 2 and all(t > 0 for t in s["step_s_min"])
         assert s["ratio"][0] == 1.0 and s["verdict"] in stdout
     assert d["sweeps"]["stage3/resolution"]["x"] == [32 * 32, 64 * 64]  # time is fitted against pixels
-    assert set(d["stage3_cache"]["build"]) == {"1", "8"}                    # the cache's cost vs K
+    assert set(d["stage3_cache"]["build"]) == {"1", "8", str(S3.Args.captions_per_image)}   # the cache's cost vs K
 
 
 def test_linear_fit():
