@@ -128,3 +128,16 @@ def test_each_of_k_captions_once_per_k_epochs():
                 assert sorted(picks[c * K:(c + 1) * K]) == list(range(K))
     assert [S.caption_pick(0, 0, e, 8) for e in range(8)] != [S.caption_pick(0, 1, e, 8) for e in range(8)]
     assert [S.caption_pick(0, 0, e, 8) for e in range(8)] != list(range(8))
+
+
+def test_an_unreadable_image_uses_the_captions_of_the_one_that_replaces_it(data, tmp_path):
+    d = tmp_path / "with-bad"
+    d.mkdir()
+    for i in (0, 2, 3):
+        Image.open(os.path.join(data, f"img{i}.png")).save(d / f"img{i}.png")
+    (d / "img1.png").write_bytes(b"not an image")               # index 1: ds.batch hands image 2 instead
+    out = str(tmp_path / "run")
+    S.main(TINY + ["--data", str(d), "--groups", "2", "--steps", "2", "--captions_per_image", "2", "--out_dir", out])
+    _, caps = read_cache(out)
+    assert sorted(caps) == [0, 2, 3]
+    assert len(train_logs(out)) == 2 and train_logs(out)[-1]["data/bad_files"] == 1
