@@ -24,8 +24,8 @@ Where this departs from the paper (which gives no RL details for this stage) and
    a 0.7, eps 1e-4, beta 0.04, lr 3e-4, wd 1e-4, clip 1.0, LoRA r 32 / alpha 64 on the
    attention projections, all steps but the last trained); the paper states none. G is 8 per
    group (Flow-GRPO: 24 spread over GPUs) because a group lives on one rank here.
-2. The prompt is not a text prompt but the image's own caption by the frozen encoder (sampled
-   once, temperature 0.7 as the released demo), and the reward is similarity to that image.
+2. The prompt is not a text prompt but the image's own caption by the frozen encoder (sampled at
+   temperature 0.7 as the released demo; cached, see 8), and the reward is similarity to that image.
 3. std_i at s = 1 uses s_1 in place of s in both places of sqrt(s / (1 - s)) (docs/algorithm.md §5, read
    literally); Flow-GRPO's code replaces it only in the denominator. The two differ by sqrt(s_1)
    (~0.98) at the first step only.
@@ -34,19 +34,39 @@ Where this departs from the paper (which gives no RL details for this stage) and
    No per-prompt history across steps (each image appears as one fresh group).
 5. No EMA of the LoRA weights and no reward-model-specific tricks (Flow-GRPO has an EMA option).
 6. Data parallel by one flat all-reduce of the LoRA gradients (training.optimizer_step), not DDP.
-   Every random draw (caption sampling, initial and SDE noise, the trained step subset) comes
-   from a generator seeded by (seed, step, global group id), so N ranks == 1 rank with the same
-   global batch, and --resume continues exactly. Captions are therefore sampled one image per
+   Every random draw (initial and SDE noise, the trained step subset, on-the-fly captions) comes
+   from a generator seeded by (seed, step, global group id), cached captions from (seed, image
+   index) and the pick among them from (seed, image index, epoch), so N ranks == 1 rank with the
+   same global batch, and --resume continues exactly. Captions are therefore sampled one image per
    generate call.
 7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration (Flow-GRPO
    permutes timesteps per sample in some versions); each trained step gets its own backward.
+8. Captions are cached (--captions_per_image K, default 4; 0 = as before, a fresh caption at
+   every visit). Before step 1 the frozen encoder captions every image the run will visit K times
+   (one generate call of K rows per image, sharded over ranks) into out_dir/captions.jsonl, which
+   --resume and reruns read back (a file from other data, K, sampling or encoder is refused); a
+   visit uses one of its image's K, each once in any K consecutive epochs. What this changes:
+   an image gets K different captions over the run instead of a new one per visit (the same up
+   to K epochs, repeated after; Flow-GRPO itself repeats one fixed prompt), and captioning moves
+   out of the step: -32..-34% per step at 2 threads, -28% at 1 (bench.py, tiny, the same captions
+   with and without the cache: about the captioning share, 30-34% of the step that day), for a
+   one-off cost before step 1. Only the text is cached: the condition is recomputed each step
+   (~4 ms, 2% of the tiny step; at real size ~5 MB per caption to store). Why 4: K rows in one
+   generate call cost 1.06-1.09x (K 2), 1.20-1.27x (K 4), 1.41-1.47x (K 8), 1.78-1.96x (K 16) one
+   row (tiny, CPU, bench.py --sweep, 3 runs); 4 is the largest K within about a quarter of one
+   caption per visited image, so the cache costs about what captioning each image once does and
+   pays from the second epoch on (a run of one epoch or less gains nothing: use 0). At real size
+   decoding is memory-bound, so K rows should cost less extra; not measured here.
 
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
 v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
 shift); dt = s_{i+1} - s_i < 0.
 """
+import hashlib
+import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -85,6 +105,13 @@ class Args:
     mu: int = field(default=1, metadata={"help": "num_inner_epochs: policy updates per sampled batch"})
     temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature (0 = greedy)"})
     max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
+    captions_per_image: int = field(default=4, metadata={"help": (
+        "K: before step 1 the frozen encoder captions every image the run will visit K times, once (one generate call "
+        "of K rows per image, seeded per image; sharded over ranks), kept in out_dir/captions.jsonl (--resume and "
+        "reruns read it back); each visit uses one of the K, a different one in each of K consecutive epochs. "
+        "0 = a fresh caption at every visit, as before. Default 4: the largest K whose one-off cost stays within "
+        "about a quarter of one caption per image (tiny, CPU: 1.2-1.27x; 8: 1.41-1.47x; 16: 1.78-1.96x; "
+        "bench.py --sweep) (departure 8)")})
     # optimisation
     lora_r: int = field(default=32, metadata={"help": "DiT LoRA rank (Flow-GRPO: 32)"})
     lora_alpha: int = field(default=64, metadata={"help": "DiT LoRA alpha (Flow-GRPO: 64)"})
@@ -254,6 +281,135 @@ def validate(args):
     return T.validate_run(args, "stage3", size=args.resolution, datasets=[("data", False)])
 
 
+# The caption cache (--captions_per_image K): the encoder is frozen, so the captions of an image need not be
+# sampled again at every visit. Every caption comes from a seed of (seed, dataset index), never of a step, a rank or
+# a batch, so the cache and every draw from it are the same for any rank count and across --resume.
+CAPTION_CACHE = "captions.jsonl"
+CAPTION_CACHE_FORMAT = "uae-caption-cache-v1"
+
+
+class CaptionCacheError(RuntimeError):
+    """out_dir/captions.jsonl belongs to another run (data, K, sampling or encoder) or is unreadable."""
+
+
+def visited_images(n, global_batch, steps, seed):
+    """The dataset indices training.batch_indices draws in steps [0, steps) with `global_batch` images per step
+    (groups x ranks), from its epoch permutations: every image once the run reaches a full epoch."""
+    total = steps * global_batch
+    if total >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=T.generator(seed, 0, "batch"))[:total].tolist())
+
+
+def cache_captions(m, x, keys, args):
+    """K = args.captions_per_image captions of each image x[b] in one generate call of K rows, under a seed of its
+    dataset index keys[b] alone. -> {key: [K captions]}."""
+    K = args.captions_per_image
+    texts = m.sample_captions_seeded(x, [T.seed_of(args.seed, k, "cache_caption") for k in keys], G=K,
+                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
+    return {k: texts[b * K:(b + 1) * K] for b, k in enumerate(keys)}
+
+
+def caption_pick(seed, key, epoch, K):
+    """Which of image `key`'s K cached captions its visit in `epoch` uses: a fresh permutation of the K for every
+    K epochs, so K consecutive epochs use each caption once (an image is visited once per epoch)."""
+    return int(torch.randperm(K, generator=T.generator(seed, key, epoch // K, "caption_pick"))[epoch % K])
+
+
+def pick_captions(cache, keys, epochs, args):
+    """The caption of each visit: image keys[b] in epochs[b] -> [caption]."""
+    return [cache[k][caption_pick(args.seed, k, e, len(cache[k]))] for k, e in zip(keys, epochs)]
+
+
+def caption_cache_header(m, ds, args):
+    """What the cached captions depend on; a cache file with another header is refused, not reused."""
+    enc = hashlib.sha256()  # the encoder LoRA of every earlier stage, merged into the base encoder
+    for _, tensors in m.layers:
+        for k in sorted(t for t in tensors if t.startswith("encoder.")):
+            enc.update(k.encode())
+            enc.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    paths = "\n".join(os.path.abspath(p) for p, _ in ds.items)
+    return {"format": CAPTION_CACHE_FORMAT, "captions_per_image": args.captions_per_image, "seed": args.seed,
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "instruction": M.INSTRUCTION,
+            "encoder": m.base.get("encoder"), "encoder_layers": enc.hexdigest()[:16], "n_images": len(ds.items),
+            "images_sha256": hashlib.sha256(paths.encode()).hexdigest()[:16]}
+
+
+def read_caption_cache(path, header):
+    """{dataset index: [K captions]} from a cache file written for this header; {} when there is none."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        lines = [json.loads(line) for line in open(path) if line.strip()]
+        head, rows = lines[0], {int(d["i"]): list(d["captions"]) for d in lines[1:]}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CaptionCacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to caption again") from None
+    diff = {k: (head.get(k), v) for k, v in header.items() if head.get(k) != v}
+    if diff:
+        raise CaptionCacheError(
+            f"{path} holds captions of another run (this file's value, this run's): {diff}. Delete it to caption "
+            "again, or use another --out_dir (--captions_per_image 0 captions at every visit and ignores it)")
+    if any(len(c) != header["captions_per_image"] for c in rows.values()):
+        raise CaptionCacheError(f"{path}: an image has a number of captions other than {header['captions_per_image']}")
+    return rows
+
+
+def write_caption_cache(path, header, cache, ds):
+    """Header line, then one line per image in index order; written to a temporary file, then renamed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(header) + "\n")
+        for i in sorted(cache):
+            f.write(json.dumps({"i": i, "image": ds.items[i][0], "captions": cache[i]}) + "\n")
+    os.replace(tmp, path)
+
+
+def caption_cache(m, ds, args, rank, world, device):
+    """The captions of every image that steps [0, args.steps) visit: read back from out_dir/captions.jsonl, the
+    missing ones captioned now (sharded over ranks, all_gather_object, rank 0 rewrites the file).
+    -> {dataset index: [K captions]}. An unreadable image is keyed by the image that replaces it (ds.batch)."""
+    t0, path = time.time(), os.path.join(args.out_dir, CAPTION_CACHE)
+    header = caption_cache_header(m, ds, args)
+    cache = read_caption_cache(path, header)
+    need = [i for i in visited_images(len(ds), args.groups * world, args.steps, args.seed) if i not in cache]
+    mine, new, chunk = need[rank::world], {}, 16
+    for c in tqdm(range(0, len(mine), chunk), disable=rank != 0 or len(mine) <= chunk, desc="caption cache"):
+        ids = mine[c:c + chunk]
+        x, _, names = ds.batch(ids)
+        new.update(cache_captions(m, x.to(device), image_keys(ds, ids, names), args))
+    parts = [new]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, new)
+    n_new = sum(len(p) for p in parts)
+    for p in parts:
+        cache.update(p)
+    if rank == 0:
+        if n_new:
+            os.makedirs(args.out_dir, exist_ok=True)
+            write_caption_cache(path, header, cache, ds)
+        print(f"caption cache {path}: {len(cache) - n_new} images read back, {n_new} captioned x "
+              f"{args.captions_per_image} in {time.time() - t0:.1f} s")
+    return cache
+
+
+def image_keys(ds, idx, names):
+    """The dataset index of each image ds.batch(idx) returned: idx[b], or for an unreadable image the index of the
+    one that replaced it (names[b])."""
+    return [i if ds.items[i][0] == n else next(j for j, (p, _) in enumerate(ds.items) if p == n)
+            for i, n in zip(idx, names)]
+
+
+def visit_captions(m, cache, idx, names, x, gids, ds, args):
+    """Step 1 with the cache: the caption of each group's visit (its image, its epoch = global group id // len(ds));
+    an image missing from the cache (unreadable when it was built) is captioned now, under the same seed."""
+    keys = image_keys(ds, idx, names)
+    for b, k in enumerate(keys):
+        if k not in cache:
+            cache.update(cache_captions(m, x[b:b + 1], [k], args))
+    return pick_captions(cache, keys, [g // len(ds) for g in gids], args)
+
+
 def main(argv=None):
     import reward as R
     args = T.parse_args(Args, argv)
@@ -283,6 +439,7 @@ def main(argv=None):
         print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
     G, ev = args.G, {}
+    cache = caption_cache(m, ds, args, rank, world, device) if args.captions_per_image > 0 else None
     if args.eval_every and not args.resume:
         log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
@@ -292,8 +449,12 @@ def main(argv=None):
         gids = [step * args.groups * world + rank * args.groups + k for k in range(args.groups)]
         x, _, names = ds.batch(idx)
         x = x.to(device)                                                          # (B, 3, H, W)
-        # 1. Caption: once per image with the frozen encoder; c = g(H(y)), frozen
-        caps = caption_groups(m, x, [T.seed_of(args.seed, step, g, "caption") for g in gids], args)
+        # 1. Caption: the frozen encoder's caption of each image, one of its K cached ones (or a fresh one with
+        #    --captions_per_image 0); c = g(H(y)), frozen
+        if cache is not None:
+            caps = visit_captions(m, cache, idx, names, x, gids, ds, args)
+        else:
+            caps = caption_groups(m, x, [T.seed_of(args.seed, step, g, "caption") for g in gids], args)
         with torch.no_grad():
             cond = m.condition(caps).repeat_interleave(G)                         # (N, L, D), N = B*G
         clock.tick("caption")

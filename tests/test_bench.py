@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import stage3_grpo_gen as S3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = {"stage2": ["generate", "condition+reconstruct", "reward", "reference", "policy fwd+bwd", "optimizer"],
@@ -34,10 +35,23 @@ def test_quick_writes_both_stages(tmp_path, tiny_paths):
         assert r["step_s"] > 0 and len(r["step_s_all"]) == 2 and r["step_cpu_s"] > 0
         assert r["peak_mem_mb"] > 0 and r["mem_kind"]
         assert r["images"] == 8 and r["images_per_s"] > 0 and r["ms_per_image"] > 0  # B*G and groups*G = 2*4
-        assert r["target"]["unit"] == bench.TARGETS[stage][0] and isinstance(r["target"]["pass"], bool)
+        assert r["target"]["unit"] == bench.TARGETS[2][stage][0] and isinstance(r["target"]["pass"], bool)
         assert stage in stdout and ("PASS" in stdout or "MISS" in stdout)
     assert d["stage2"]["caption_tokens"] > 0 and d["stage2"]["caption_tokens"] <= 8 * 32
     assert d["stage3"]["dit_train_tokens"] > 0 and 0 < d["stage3"]["dit_mfu"] < 1
+    # calibrated verdicts: every step paired with the calibration workload timed around it
+    for stage in ("stage2", "stage3", "stage3_no_cache"):
+        r = d[stage]
+        assert len(r["calib_s_all"]) == 2 and r["calib_s"] > 0 and r["step_over_calib"] > 0
+        t = r["target"]
+        assert t["calib_ref_s"] == bench.CALIB_REF_S[2] and t["peer"] and t["peer_value"] > 0 and t["factor"] > 0
+        assert t["measured"] > 0 and t["measured_raw"] > 0 and t["pass"] == (t["measured"] <= t["target"])
+        assert t["measured_iqr"][0] <= t["measured"] <= t["measured_iqr"][1] and isinstance(t["clear"], bool)
+    # stage 3 measured with its caption cache (the stage's default) and without, in alternate rounds
+    c = d["stage3_cache"]
+    assert c["K"] == S3.Args.captions_per_image > 0 and c["paired_ratio"] > 0 and 0 < c["caption_share_without"] < 1
+    assert c["build_s_per_image"] > 0 and set(c["build"]) == {"1", str(c["K"])}
+    assert d["stage3_no_cache"]["phases_s"].keys() == d["stage3"]["phases_s"].keys() and "caption cache" in stdout
 
 
 @pytest.mark.slow
@@ -48,6 +62,7 @@ def test_quick_sweep_tables(tmp_path, tiny_paths):
         assert len(s["values"]) == len(s["step_s"]) == len(s["step_s_min"]) == 2 and all(t > 0 for t in s["step_s_min"])
         assert s["ratio"][0] == 1.0 and s["verdict"] in stdout
     assert d["sweeps"]["stage3/resolution"]["x"] == [32 * 32, 64 * 64]  # time is fitted against pixels
+    assert set(d["stage3_cache"]["build"]) == {"1", "8", str(S3.Args.captions_per_image)}   # the cache's cost vs K
 
 
 def test_linear_fit():
@@ -58,6 +73,32 @@ def test_linear_fit():
     assert bench.linear_fit([2, 4, 8], [4, 16, 64])[2] > 0.97  # a quadratic fits a line well on 3 points,
     assert not bench.is_linear([2, 4, 8], [4, 16, 64])           # but grows faster than x
     assert not bench.is_linear([2, 4, 8], [1.0, 1.1, 1.9]) and not bench.is_linear([2, 4, 8], [2.0, 1.5, 1.2])
+
+
+def test_verdict_is_calibrated():
+    """The verdict divides the step by the calibration timed next to it: a machine twice as slow (both twice as
+    long) gets the same verdict; a step twice as long against the same calibration can flip it."""
+    a = bench.p.parse_args([])
+    unit, target = bench.TARGETS[2]["stage2"]
+    calib = 0.5 * bench.CALIB_REF_S[2]
+    ok = {"images": 8, "step_s": 0.9 * target * calib / bench.CALIB_REF_S[2], "calib_s": calib}
+    for slow in (1.0, 2.0, 7.0):
+        r = {**ok, "step_s": ok["step_s"] * slow, "calib_s": calib * slow}
+        r["step_over_calib"] = r["step_s"] / r["calib_s"]
+        bench.verdict("stage2", r, a, torch.device("cpu"))
+        assert r["target"]["pass"] and abs(r["target"]["measured"] - 0.9 * target) < 1e-9
+        assert abs(r["target"]["measured_raw"] - r["step_s"]) < 1e-12
+    r = {**ok, "step_s": 2 * ok["step_s"]}
+    r["step_over_calib"] = r["step_s"] / r["calib_s"]
+    bench.verdict("stage2", r, a, torch.device("cpu"))
+    assert not r["target"]["pass"]
+    assert bench.calibration(torch.device("cpu")) > 0
+    for threads in (1, 2):  # each target is factor x the peer figure it comes from, the reference pinned by the as-is
+        for stage, (u, t) in bench.TARGETS[threads].items():
+            peer = bench.PEERS[threads][stage]
+            assert u == peer["unit"] and abs(t - peer["factor"] * peer["peer_value"]) < 1e-3 and peer["source"]
+        as_is_s2 = bench.AS_IS[threads]["stage2"] * bench.CALIB_REF_S[threads]   # the as-is stage 2 there, seconds
+        assert abs(as_is_s2 / bench.PEERS[threads]["stage2"]["peer_value"] - bench.PEER_RATIOS[threads]["stage2"]) < 1e-9
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -277,6 +277,8 @@ def test_two_ranks_equal_one_rank(data, tmp_path, ref_run):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a, b = train_logs(ref_run), train_logs(out)
     assert len(a) == len(b) == 4
+    cache = [open(os.path.join(d, S.CAPTION_CACHE)).read() for d in (ref_run, out)]   # captioned by 2 ranks == by 1
+    assert cache[0] == cache[1] and cache[0].count("\n") == 1 + 4
     for da, db in zip(a, b):
         assert da.keys() == db.keys()
         for k in da:
