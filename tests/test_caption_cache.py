@@ -98,20 +98,21 @@ def test_cache_is_read_back_extended_on_resume_and_refuses_another_run(data, tmp
         raise AssertionError("captioned again although the cache holds every visited image")
 
     monkeypatch.setattr(M.UAE, "sample_captions_seeded", no_captioning)
-    S.main(run + ["--steps", "3"])                                 # a rerun in the same out_dir reads it back
+    S.main(run + ["--steps", "3", "--overwrite"])                  # a rerun in the same out_dir reads it back
     for flag, value in (("--captions_per_image", "3"), ("--temperature", "1.0"), ("--seed", "1")):
         with pytest.raises(S.CaptionCacheError, match=flag.lstrip("-")):
-            S.main(run + ["--steps", "3", flag, value])
+            S.main(run + ["--steps", "3", flag, value, "--overwrite"])
     monkeypatch.undo()
     other = tmp_path / "other-data"                                # another image list, same out_dir
     other.mkdir()
     Image.open(os.path.join(data, "img0.png")).save(other / "img0.png")
     with pytest.raises(S.CaptionCacheError, match="n_images"):
-        S.main(TINY + ["--data", str(other), "--groups", "2", "--captions_per_image", "2", "--out_dir", out, "--steps", "1"])
+        S.main(TINY + ["--data", str(other), "--groups", "2", "--captions_per_image", "2", "--out_dir", out, "--steps", "1",
+                       "--overwrite"])
     with open(os.path.join(out, S.CAPTION_CACHE), "a") as f:
         f.write("{not json\n")
     with pytest.raises(S.CaptionCacheError, match="unreadable"):
-        S.main(run + ["--steps", "3"])
+        S.main(run + ["--steps", "3", "--overwrite"])
 
 
 def test_visited_images_are_the_batches_of_the_run():
