@@ -32,22 +32,7 @@ TINY3 = ["--preset", "tiny", "--resolution", "32", "--G", "4", "--groups", "2", 
          "--max_new_tokens", "8", "--reward", "pixel", "--lr", "1e-2", "--eval_every", "0", "--sample_every", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rel-data")
-    for i in range(4):
-        im = Image.new("RGB", (64, 64), (230, 40 + 15 * i, 30))
-        im.paste((250, 220, 40), (5 + 10 * i, 40, 30 + 10 * i, 60))
-        im.save(d / f"img{i}.png")
-    return str(d)
+from test_stage3 import data, one_thread  # noqa: E402,F401  (the same 4 images, one intra-op thread)
 
 
 def logs(out):
