@@ -87,6 +87,7 @@ class Args:
     fsdp: bool = field(default=False, metadata={"help": "shard the frozen DiT of the environment per block with FSDP2 (training.fsdp_shard): "
                                                         "~14 GB less per GPU on 8 ranks; the encoder stays replicated; --eval_images >= ranks"})
     seed: int = field(default=0, metadata={"help": "global seed (ranks offset it)"})
+    step_offset: int = field(default=0, metadata={"help": "count the data order and every per-step random draw from step N+1 (the log still counts from 1): a run chained after another with --init (Unified-GRPO in rounds, README) continues its batches instead of drawing the same ones again"})
     # logging / checkpoints
     eval_every: int = field(default=0, metadata={"help": "fixed eval before step 1, every N steps and at the end (0 = never)"})
     eval_images: int = field(default=8, metadata={"help": "images in the fixed eval (the first of --eval_data)"})
@@ -181,7 +182,7 @@ def validate(args):
                                      "--steps 10 --lr 5e-3"))
     T.at_least(args, 2, "G", why="a group of one caption has advantage 0: nothing can learn")
     T.at_least(args, 1, "batch_size", "micro_batch", "mu", "sample_steps", "eval_images", "eval_G")
-    T.at_least(args, 0, "eps_low", "eps_high", "beta", "std_floor", "eval_every")
+    T.at_least(args, 0, "eps_low", "eps_high", "beta", "std_floor", "eval_every", "step_offset")
     T.above(args, 0, "temperature", why="at 0 the G captions of a group are identical: nothing can learn")
     T.need(args.top_p == 1 and args.top_k == 0,  # sampling would not draw from the distribution completion_logprobs scores
            f"--top_p {args.top_p} / --top_k {args.top_k}: GRPO scores the untruncated distribution; "
@@ -230,8 +231,9 @@ def main(argv=None):
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage2")
     while step < args.steps:
         clock = T.Clock()
-        idx = T.batch_indices(len(ds), args.batch_size, step, args.seed, rank, world)
-        gids = [step * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
+        t = step + args.step_offset                                              # the step that draws: data, seeds
+        idx = T.batch_indices(len(ds), args.batch_size, t, args.seed, rank, world)
+        gids = [t * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
         x, _, names = ds.batch(idx)
         x = x.to(device)                                                         # (B, 3, H, W)
         # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached generate
@@ -243,7 +245,7 @@ def main(argv=None):
             roll = m.sample_captions(x, **gen)                                    # N = B*G rows
         clock.tick("generate")
         # 2. Environment: c = g(H(y)) with the pre-stage encoder, ODE redraw from one noise per group
-        noise = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, step, gids, device)
+        noise = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, t, gids, device)
         recon = reconstruct(m, roll.texts, noise.repeat_interleave(G, 0), neg, args)   # (N, 3, H, W)
         clock.tick("reconstruct")
         # 3. Reward: r_i = cos(f(x), f(x~_i)), no grad

@@ -116,9 +116,10 @@ def test_cache_is_read_back_extended_on_resume_and_refuses_another_run(data, tmp
 
 
 def test_visited_images_are_the_batches_of_the_run():
-    for n, g, steps in ((10, 2, 3), (10, 4, 3), (7, 3, 5), (5, 1, 5)):
-        want = sorted({i for s in range(steps) for i in T.batch_indices(n, g, s, 0)})
-        assert S.visited_images(n, g, steps, 0) == want, (n, g, steps)
+    for n, g, steps, off in ((10, 2, 3, 0), (10, 4, 3, 0), (7, 3, 5, 0), (5, 1, 5, 0), (10, 3, 2, 2), (10, 2, 3, 4),
+                             (9, 4, 1, 2), (7, 3, 2, 1)):  # with --step_offset: within an epoch and across two
+        want = sorted({i for s in range(off, off + steps) for i in T.batch_indices(n, g, s, 0)})
+        assert S.visited_images(n, g, steps, 0, off) == want, (n, g, steps, off)
 
 
 def test_each_of_k_captions_once_per_k_epochs():
