@@ -57,6 +57,13 @@ Where this departs from the paper (which gives no RL details for this stage) and
    caption per visited image, so the cache costs about what captioning each image once does and
    pays from the second epoch on (a run of one epoch or less gains nothing: use 0). At real size
    decoding is memory-bound, so K rows should cost less extra; not measured here.
+9. --sde_window W (default 0 = off, as Flow-GRPO): noise, log-probs and training on the first W sampler steps only;
+   the steps after them are plain Euler steps, so the rewarded image is what the ODE sampler (eval, benchmark)
+   makes from the state the window left. Flow-GRPO's "Fast" variant and MixGRPO also confine the SDE to a window
+   of steps (they move it; here it is fixed at the start). Why it exists (README, "Stage 3 in the shapes world"):
+   with 8 steps the scheduler's sigmas are 1, .95, .88, .80, .69, .55, .34, .009, 0, so the last trained step
+   leaps from .34 to .009 adding noise of std .29 that no later step removes; at higher learning rates the policy
+   learnt to please the reward through that noise (SDE reward up) while its ODE images got worse.
 
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
 v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
@@ -96,6 +103,9 @@ class Args:
     cfg: float = field(default=4.5, metadata={"help": "classifier-free guidance scale (sampling and training)"})
     negative_prompt: str = field(default=M.NEGATIVE_PROMPT, metadata={"help": "text of the CFG negative condition"})
     noise_level: float = field(default=0.7, metadata={"help": "a: SDE noise level, std_i = a sqrt(s_i / (1 - s_i))"})
+    sde_window: int = field(default=0, metadata={"help": (
+        "W > 0: noise (and training) on the first W sampler steps only, plain Euler steps after them, so the "
+        "rewarded image is the ODE's continuation (departure 9; shapes demo: 3 of 8); 0 = every step, as Flow-GRPO")})
     train_frac: float = field(default=1.0, metadata={"help": "fraction of steps trained (1.0 = all but the last; <1 = random subset per step)"})
     eps_clip: float = field(default=1e-4, metadata={"help": "ratio clip range (tiny: log-probs are per-dim means)"})
     beta: float = field(default=0.04, metadata={"help": "KL weight against the adapter-off DiT"})
@@ -126,12 +136,14 @@ class Args:
     fsdp: bool = field(default=False, metadata={"help": "shard the DiT (frozen base + LoRA) per block with FSDP2 (training.fsdp_shard): "
                                                         "~14 GB less per GPU on 8 ranks; --eval_images >= ranks"})
     seed: int = field(default=0, metadata={"help": "global seed"})
+    step_offset: int = field(default=0, metadata={"help": "count the data order and every per-step random draw from step N+1 (the log still counts from 1): a run chained after another with --init (Unified-GRPO in rounds, README) continues its batches instead of drawing the same ones again"})
     # logging / checkpoints / evaluation
     log_every: int = field(default=1, metadata={"help": "log line every N steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     sample_every: int = field(default=50, metadata={"help": "write samples/step*.png (source | G samples) every N steps (0 = never)"})
     eval_every: int = field(default=100, metadata={"help": "fixed ODE eval (eval_steps): before step 1, every N steps, at the end (0 = never)"})
-    eval_images: int = field(default=8, metadata={"help": "samples in the fixed eval set (image i mod len(data), one fixed noise each)"})
+    eval_images: int = field(default=8, metadata={"help": "samples in the fixed eval set (image i mod len(eval data), one fixed noise each)"})
+    eval_data: str = field(default="", metadata={"help": "eval images: folder or .jsonl ('' = --data; a held-out split is better)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly (fresh start if there is none); "
                                                            "flags that change the optimisation must be the saved ones"})
     overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
@@ -193,16 +205,18 @@ def _randn(shape, gens, device):
 
 
 @torch.no_grad()
-def sde_sample(m, noise, cond, neg, sigmas, a, cfg, generator):
-    """SDE sampling of all N rows in one batched DiT call per step, fp32 state.
+def sde_sample(m, noise, cond, neg, sigmas, a, cfg, generator, window=0):
+    """SDE sampling of all N rows in one batched DiT call per step, fp32 state. window W > 0: noise level a
+    on the first W steps only, plain Euler (ODE) steps after them (--sde_window; their log-probs are 0).
     noise (N, C, h, w) initial; generator: a torch.Generator or a list of them (one per block of
     N/len rows) for the per-step noise. -> (x_0 (N, C, h, w), trajectory (N, steps+1, C, h, w),
     log_probs (N, steps)) with trajectory[:, 0] = noise, trajectory[:, -1] = x_0."""
     x = noise.float()
     traj, lps = [x], []
     for i in range(len(sigmas) - 1):
-        eps = _randn(x.shape, generator, x.device) if a != 0 else None
-        x, lp, _, _ = transition(m, x, i, sigmas, cond, neg, a, cfg, noise=eps)
+        ai = a if (not window or i < window) else 0.0                        # outside the window: an Euler step
+        eps = _randn(x.shape, generator, x.device) if ai != 0 else None
+        x, lp, _, _ = transition(m, x, i, sigmas, cond, neg, ai, cfg, noise=eps)
         traj.append(x)
         lps.append(lp)
     return x, torch.stack(traj, 1), torch.stack(lps, 1)
@@ -242,9 +256,10 @@ def flow_grpo_loss(logp, logp_old, adv, eps_clip, kl=None, beta=0.0):
     return loss, stats
 
 
-def trained_steps(n_steps, frac, seed, step):
-    """Step indices trained this iteration: all but the last (frac >= 1), or a seeded random subset."""
-    cand = list(range(n_steps - 1)) or [0]
+def trained_steps(n_steps, frac, seed, step, window=0):
+    """Step indices trained this iteration: all but the last (frac >= 1), or a seeded random subset; with a
+    window W > 0 only among the first W (the steps that are sampled with noise)."""
+    cand = (list(range(n_steps - 1)) or [0])[:window or None]
     if frac >= 1:
         return cand
     k = max(1, round(frac * len(cand)))
@@ -269,16 +284,20 @@ def validate(args):
     T.at_least(args, 2, "G", why="a group of one sample has advantage 0: nothing can learn")
     T.at_least(args, 2, "sample_steps", why="the last sampler step is never trained: with one, nothing is")
     T.at_least(args, 1, "groups", "eval_steps", "mu", "eval_images")
-    T.at_least(args, 0, "beta", "adv_clip", "std_floor", "eval_every")
+    T.at_least(args, 0, "beta", "adv_clip", "std_floor", "eval_every", "step_offset")
     T.above(args, 0, "noise_level", why="at 0 the sampler is deterministic: no log-prob to train")
     T.above(args, 0, "eps_clip", "train_frac")
     T.need(args.train_frac <= 1, f"--train_frac {args.train_frac}: must be in (0, 1]")
+    T.at_least(args, 0, "sde_window")
+    T.need(args.sde_window <= args.sample_steps - 1,
+           f"--sde_window {args.sde_window}: at most --sample_steps - 1 = {args.sample_steps - 1} (the last step is never trained)")
     T.finite(args, "cfg")
     T.one_of(args, "scale_rewards", ("group", "batch", "none"))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     T.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
            f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
-    return T.validate_run(args, "stage3", size=args.resolution, datasets=[("data", False)])
+    data = [("data", False)] + ([("eval_data", False)] if args.eval_every and args.eval_data else [])
+    return T.validate_run(args, "stage3", size=args.resolution, datasets=data)
 
 
 # The caption cache (--captions_per_image K): the encoder is frozen, so the captions of an image need not be
@@ -292,13 +311,17 @@ class CaptionCacheError(RuntimeError):
     """out_dir/captions.jsonl belongs to another run (data, K, sampling or encoder) or is unreadable."""
 
 
-def visited_images(n, global_batch, steps, seed):
-    """The dataset indices training.batch_indices draws in steps [0, steps) with `global_batch` images per step
-    (groups x ranks), from its epoch permutations: every image once the run reaches a full epoch."""
-    total = steps * global_batch
-    if total >= n:
+def visited_images(n, global_batch, steps, seed, offset=0):
+    """The dataset indices training.batch_indices draws in steps [offset, offset + steps) with `global_batch`
+    images per step (groups x ranks), from its epoch permutations: every image once the run spans a full epoch."""
+    lo, hi = offset * global_batch, (offset + steps) * global_batch
+    if hi - lo >= n:
         return list(range(n))
-    return sorted(torch.randperm(n, generator=T.generator(seed, 0, "batch"))[:total].tolist())
+    out = set()
+    for epoch in range(lo // n, (hi - 1) // n + 1):  # at most two epochs
+        perm = torch.randperm(n, generator=T.generator(seed, epoch, "batch")).tolist()
+        out.update(perm[max(lo - epoch * n, 0):min(hi - epoch * n, n)])
+    return sorted(out)
 
 
 def cache_captions(m, x, keys, args):
@@ -371,7 +394,8 @@ def caption_cache(m, ds, args, rank, world, device):
     t0, path = time.time(), os.path.join(args.out_dir, CAPTION_CACHE)
     header = caption_cache_header(m, ds, args)
     cache = read_caption_cache(path, header)
-    need = [i for i in visited_images(len(ds), args.groups * world, args.steps, args.seed) if i not in cache]
+    need = [i for i in visited_images(len(ds), args.groups * world, args.steps, args.seed, args.step_offset)
+            if i not in cache]
     mine, new, chunk = need[rank::world], {}, 16
     for c in tqdm(range(0, len(mine), chunk), disable=rank != 0 or len(mine) <= chunk, desc="caption cache"):
         ids = mine[c:c + chunk]
@@ -439,14 +463,16 @@ def main(argv=None):
         print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
     G, ev = args.G, {}
+    eval_ds = D.ImageDataset(args.eval_data, args.resolution) if args.eval_every and args.eval_data else ds
     cache = caption_cache(m, ds, args, rank, world, device) if args.captions_per_image > 0 else None
     if args.eval_every and not args.resume:
-        log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+        log.log(step, evaluate(m, eval_ds, neg, backbone, args, rank, world, device, ev))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
     while step < args.steps:
         clock = T.Clock()
-        idx = T.batch_indices(len(ds), args.groups, step, args.seed, rank, world)
-        gids = [step * args.groups * world + rank * args.groups + k for k in range(args.groups)]
+        t = step + args.step_offset                                               # the step that draws: data, seeds
+        idx = T.batch_indices(len(ds), args.groups, t, args.seed, rank, world)
+        gids = [t * args.groups * world + rank * args.groups + k for k in range(args.groups)]
         x, _, names = ds.batch(idx)
         x = x.to(device)                                                          # (B, 3, H, W)
         # 1. Caption: the frozen encoder's caption of each image, one of its K cached ones (or a fresh one with
@@ -454,15 +480,15 @@ def main(argv=None):
         if cache is not None:
             caps = visit_captions(m, cache, idx, names, x, gids, ds, args)
         else:
-            caps = caption_groups(m, x, [T.seed_of(args.seed, step, g, "caption") for g in gids], args)
+            caps = caption_groups(m, x, [T.seed_of(args.seed, t, g, "caption") for g in gids], args)
         with torch.no_grad():
             cond = m.condition(caps).repeat_interleave(G)                         # (N, L, D), N = B*G
         clock.tick("caption")
         # 2. Sample: G images per caption with the SDE sampler (own initial and step noise), trajectory kept
-        gens = [T.generator(args.seed, step, gid, "sde_noise") for gid in gids]
+        gens = [T.generator(args.seed, t, gid, "sde_noise") for gid in gids]
         shape = (len(gids) * G,) + m.latent_shape(args.resolution, args.resolution)
         noise = _randn(shape, gens, device)
-        z, traj, logp_old = sde_sample(m, noise, cond, neg, sig, args.noise_level, args.cfg, gens)
+        z, traj, logp_old = sde_sample(m, noise, cond, neg, sig, args.noise_level, args.cfg, gens, args.sde_window)
         clock.tick("sample")
         with torch.no_grad():
             recon = m.vae_decode(z)                                               # (N, 3, H, W)
@@ -477,7 +503,7 @@ def main(argv=None):
         N = r.shape[0]
         adv = group_advantages(r_all.nan_to_num(0.0), G, scale=args.scale_rewards, std_floor=args.std_floor,
                                clip=args.adv_clip)[rank * N:(rank + 1) * N]
-        js = trained_steps(args.sample_steps, args.train_frac, args.seed, step)
+        js = trained_steps(args.sample_steps, args.train_frac, args.seed, t, args.sde_window)
         lr = T.lr_at(step, args.lr, args.warmup, args.steps, args.schedule)
         for g_ in opt.param_groups:
             g_["lr"] = lr
@@ -511,7 +537,8 @@ def main(argv=None):
                 break
         clock.tick("train")
         step += 1
-        met = step_metrics(r_all, adv, logp_old, first, js, caps, args, gnorm, lr, skipped, clock, world)
+        met = step_metrics(r_all, adv, logp_old[:, :args.sde_window or None], first, js, caps, args, gnorm, lr, skipped,
+                           clock, world)
         if ds.bad:
             met["data/bad_files"] = len(ds.bad)
         log.log(step, met, log_line(step, met, skipped) if step % args.log_every == 0 else None)
@@ -519,7 +546,7 @@ def main(argv=None):
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), x, recon, caps, r, G)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.log(step, evaluate(m, ds, neg, backbone, args, rank, world, device, ev))
+            log.log(step, evaluate(m, eval_ds, neg, backbone, args, rank, world, device, ev))
         if step % args.save_every == 0 or step == args.steps:
             T.save_train_state(args.out_dir, m, asdict(args), step, opt, {"transformer": lora_cfg}, rank, world,
                                "stage3", extra_meta={"skipped": skipped})
@@ -588,7 +615,7 @@ def log_line(step, met, skipped):
 
 @torch.no_grad()
 def evaluate(m, ds, neg, backbone, args, rank, world, device, cache):
-    """Fixed evaluation: eval_images samples (sample i: image i mod len(data), its own caption seed
+    """Fixed evaluation: eval_images samples (sample i: image i mod len(ds), the eval data; its own caption seed
     and noise; split over ranks), captions sampled once (the encoder is frozen), Euler ODE with
     eval_steps. -> {"eval/reward": mean over all eval samples}."""
     ids = [i for i in range(args.eval_images) if i % world == rank]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import model as M
+import training as T
 import stage3_grpo_gen as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,24 @@ def test_a0_sde_sampler_is_sample_ode_bit_for_bit(tiny_uae):
     assert lp.shape == (8, 5) and torch.isfinite(lp).all() and torch.equal(lp, torch.zeros(8, 5))
 
 
+def test_sde_window_noise_only_in_the_window_then_euler(tiny_uae):
+    m = tiny_uae
+    cond, neg = _cond(m)
+    noise = torch.randn((8,) + m.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
+    sig = m.sigmas(6)
+    full = S.sde_sample(m, noise, cond, neg, sig, 0.7, 1.0, torch.Generator().manual_seed(1))
+    z, traj, lp = S.sde_sample(m, noise, cond, neg, sig, 0.7, 1.0, torch.Generator().manual_seed(1), window=2)
+    assert torch.equal(traj[:, :3], full[1][:, :3])          # the window: the very same noisy steps
+    assert not torch.equal(traj[:, 3], full[1][:, 3])         # after it no noise: another path
+    assert torch.isfinite(lp[:, :2]).all() and (lp[:, :2] != 0).all() and torch.equal(lp[:, 2:], torch.zeros(8, 4))
+    x = traj[:, 2]                                            # Euler from where the window left the state
+    for i in range(2, 6):
+        x = x + m.velocity(x, sig[i], cond, neg, 1.0).float() * (sig[i + 1] - sig[i])
+    assert torch.equal(x, z)
+    assert S.trained_steps(6, 1.0, 0, 0, window=2) == [0, 1] and S.trained_steps(6, 1.0, 0, 0) == [0, 1, 2, 3, 4]
+    assert set(S.trained_steps(10, 0.5, 0, 3, window=4)) <= {0, 1, 2, 3}
+
+
 def test_first_on_policy_pass_ratio_one_kl_zero(tiny_uae):
     m = tiny_uae
     M.add_lora(m.transformer, 8, 16, M.DIT_LORA_TARGETS)
@@ -196,6 +215,39 @@ def test_only_the_dit_lora_changes_and_checkpoint(data, tmp_path):
     assert "loss/step_3" not in rows[0]                     # the last step is not trained
     assert rows[0]["ratio/min"] == rows[0]["ratio/max"] == 1.0 and rows[0]["loss/kl"] == 0.0
     assert {"time/sample", "time/decode", "time/reward", "time/train", "time/total"} <= set(logs(out)[0])
+
+
+def test_sde_window_and_step_offset_runs(data, tmp_path):
+    """--sde_window: only the window's steps are trained, the first ratio is 1; --step_offset 1 draws what step 2 of
+    an unshifted run draws (the same batch and noise: the same rewards from the same start)."""
+    out = str(tmp_path / "w")
+    S.main(TINY + ["--data", data, "--groups", "2", "--steps", "2", "--out_dir", out, "--sde_window", "2"])
+    rows = train_logs(out)
+    assert {k for k in rows[0] if k.startswith("loss/step_")} == {"loss/step_0", "loss/step_1"}
+    assert rows[0]["ratio/min"] == rows[0]["ratio/max"] == 1.0
+    with pytest.raises(T.UsageError, match="--sde_window 4"):
+        S.main(TINY + ["--data", data, "--steps", "1", "--out_dir", str(tmp_path / "x"), "--sde_window", "4"])
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    S.main(TINY + ["--data", data, "--groups", "2", "--steps", "2", "--lr", "0", "--out_dir", a])
+    S.main(TINY + ["--data", data, "--groups", "2", "--steps", "1", "--lr", "0", "--out_dir", b, "--step_offset", "1"])
+    assert train_logs(b)[0]["reward/mean"] == train_logs(a)[1]["reward/mean"]
+    assert train_logs(b)[0]["reward/mean"] != train_logs(a)[0]["reward/mean"]
+
+
+def test_eval_data_is_the_fixed_eval_set(data, tmp_path):
+    """--eval_data: the fixed ODE eval reads its own images (a held-out split), not --data's."""
+    held = tmp_path / "held"
+    held.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (20, 30 + 40 * i, 200)).save(held / f"h{i}.png")
+    run = TINY + ["--data", data, "--steps", "1", "--lr", "0", "--eval_every", "1", "--eval_images", "2"]
+    S.main(run + ["--out_dir", str(tmp_path / "a")])
+    S.main(run + ["--out_dir", str(tmp_path / "b"), "--eval_data", str(held)])
+    ev = lambda o: [d["eval/reward"] for d in logs(str(tmp_path / o)) if "eval/reward" in d]
+    assert len(ev("b")) == 2 and ev("b")[0] == ev("b")[1]   # lr 0: the same model, the same fixed set
+    assert ev("a")[0] != ev("b")[0]
+    with pytest.raises(T.UsageError, match="--eval_data"):
+        S.main(run + ["--out_dir", str(tmp_path / "c"), "--eval_data", str(tmp_path / "missing")])
 
 
 def test_nan_rewards_skip_the_update(data, tmp_path, monkeypatch):
