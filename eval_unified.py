@@ -225,12 +225,27 @@ GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temp
             "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first")
 
 
+def checkpoint_id(init):
+    """What --init's checkpoint is, not only where: the published checkpoint folder and its files' sizes and
+    modification times (a stage rerun into the same out_dir writes a new checkpoint under the same path). None
+    for a base model or released:DIR."""
+    if not init or init.startswith("released:"):
+        return None
+    d = os.path.join(init, "ckpt") if os.path.isdir(os.path.join(init, "ckpt")) else init
+    d = os.path.realpath(d)
+    files = [os.path.join(d, f) for f in ("uae.json", "weights.safetensors")]
+    return [d] + [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
+
+
 def check_settings(args, rank):
-    """Resume only what the same settings made: <out>/settings.json pins the generation arguments."""
-    path, cur = os.path.join(args.out_dir, "settings.json"), {k: getattr(args, k) for k in GEN_KEYS}
+    """Resume only what the same settings and the same checkpoint made: <out>/settings.json pins the generation
+    arguments and the checkpoint's identity (checkpoint_id)."""
+    path = os.path.join(args.out_dir, "settings.json")
+    cur = {**{k: getattr(args, k) for k in GEN_KEYS}, "checkpoint": checkpoint_id(args.init)}
     if os.path.isfile(path):
         old = json.load(open(path))
-        default = {f.name: f.default for f in fields(Args)}  # a key an older settings.json lacks had its default
+        # a key an older settings.json lacks had its default; a missing checkpoint id matches no checkpoint
+        default = {**{f.name: f.default for f in fields(Args)}, "checkpoint": "unknown"}
         diff = {k: (old.get(k, default[k]), cur[k]) for k in cur if old.get(k, default[k]) != cur[k]}
         if diff:
             sys.exit(f"error: {args.out_dir} holds reconstructions made with other settings (was, now): {diff}; "

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 
 import pytest
@@ -186,6 +187,22 @@ def test_resume_refuses_other_settings(tmp_path):
     ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=2, batch_size=7), rank=0)  # scoring/batching may change
     with pytest.raises(SystemExit, match="other settings.*steps"):
         ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=3), rank=0)
+
+
+def test_resume_refuses_a_rewritten_checkpoint(tmp_path):
+    """A stage rerun into the same out_dir publishes a new checkpoint under the same path: a bench folder made from
+    the old one must not be reused for it (it was, silently, before settings.json pinned the checkpoint)."""
+    import model as M
+    run_dir, out = tmp_path / "run", str(tmp_path / "bench")
+    run_dir.mkdir()
+    os.makedirs(out)
+    M.save_checkpoint(str(run_dir / "ckpt"), M.load_uae(preset="tiny"), {"stage": "test"})
+    ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)
+    ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)  # the same checkpoint: resumes
+    time.sleep(0.01)
+    M.save_checkpoint(str(run_dir / "ckpt"), M.load_uae(preset="tiny"), {"stage": "test"})
+    with pytest.raises(SystemExit, match="other settings.*checkpoint"):
+        ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)
 
 
 # ---------------------------------------------------------------- sample.py
