@@ -1,28 +1,38 @@
 """
 The shapes-world demo: the whole UAE recipe on CPU in minutes, where the "aha moment" can be seen.
 
-    python demo.py                    # ./run.sh demo does this; writes out/demo/report.{md,png}
+    python demo.py                    # ./run.sh demo does this; writes out/demo/report.md (+ pictures)
     python demo.py --seed 1 --out_dir out/demo-s1
+    python demo.py --rounds 2 --reuse # then: Unified-GRPO as a loop, stage 1 reused -> out/demo/rounds2/report.md
     python demo.py --quick            # a shortened run that only checks that everything is produced
 
 It runs the real scripts, unchanged, as subprocesses (stages with --overwrite: a rerun replaces the last one):
   data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / held-out val)
-  data/shapes/standins.py     stand-ins for what a real user downloads, trained here in ~2.5 minutes: a
+  data/shapes/standins.py     stand-ins for what a real user downloads, trained here in ~2.5-3.5 minutes: a
                               tiny CLIP (the semantic reward), a tiny VAE, a tiny captioner fine-tuned on
                               *terse* captions (it starts under-describing, as the paper's does)
   stage1_coldstart.py         fm (the DiT learns to read the LVLM, full captions), then sem (cold start)
   stage2_grpo_und.py          GRPO on the captioner          -> captions should grow, reward rise
   stage3_grpo_gen.py          Flow-GRPO on the decoder       -> reconstructions more faithful
-  eval_unified.py             held-out Unified-Bench-style score after stages 1, 2 and 3
-and writes a report: reward / caption-length curves, a grid of held-out sources with their
-reconstructions after each stage (and captions), the score table with what the captions name, the
-three checks below, and wall time per phase.
+  eval_unified.py             held-out Unified-Bench-style score after every stage
+and writes a report: reward / caption-length / stage-3 curves, the same held-out sources redrawn before and
+after stage 3, a grid of held-out sources with their reconstructions after each stage (and captions), the
+score table with what the captions name, the five checks below, and wall time per phase.
+
+--rounds K runs stage 2 and stage 3 in turns, K rounds of 1/K of their steps each, every run --init from the
+one before and --step_offset so that round k draws the batches the sequential run draws then; its stages,
+benches and report go to <out_dir>/rounds<K>/. --reuse skips the phases already done by the same command
+(a .demo_done file in each phase's folder), so a rounds run after a plain one trains no stand-ins again.
 
 The checks (report.md, "What it shows"; report.json "checks"):
-  1. over stage 2, words per caption rise     (fixed held-out eval: same images, seeds, noise; step 0 -> last)
+  1. over stage 2, words per caption rise     (fixed held-out eval: same images, seeds, noise; first -> last)
   2. over stage 2, the reward rises           (the same eval)
-  3. held-out tiny-CLIP score after stage 3 > after stage 1   (eval_unified on the val split)
-The training-batch reward is plotted too, but it mostly shows which images were drawn that step.
+  3. over stage 3, its fixed ODE eval rises   (the 32 held-out images, one caption and noise each, not the
+                                               bench's; with rounds: the mean of each round's start and end)
+  4. held-out tiny-CLIP score after stage 3 > after stage 2: stage 3's own part (with rounds: the mean of each
+     round's before and after)
+  5. held-out tiny-CLIP score at the end > after stage 1   (eval_unified on the val split)
+The training-batch rewards are plotted too, but they mostly show which images were drawn that step.
 
 What had to change in the world for the effect to show (each measured; see data/shapes/standins.py):
   - The tiny CLIP scores mostly the background (it fills the picture), and terse captions name it ~20% of
@@ -35,11 +45,15 @@ What had to change in the world for the effect to show (each measured; see data/
     shuffled caption equal to 0.1% after 800 steps).
   - CFG 1 everywhere: stage 1's flow matching never sees the negative prompt, so guidance against it only
     adds noise at this scale.
+  - Stage 3 samples with noise on its first 3 of 8 steps only (--sde_window 3), 8 images a caption: with noise
+    on all of them it learnt what only the noisy SDE samples reward, and its ODE images (the eval's, the
+    benchmark's) got little better or worse (README, "Stage 3 in the shapes world"; data/shapes/probe.py).
 """
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,68 +68,124 @@ PLAN = {
 }
 
 
-def run(cmd, log, times, name):
-    t0 = time.time()
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    with open(log, "a") as f:
-        f.write(f"\n=== {name}: {' '.join(cmd)}\n")
-        f.flush()
-        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    times[name] = time.time() - t0
-    if p.returncode != 0:
-        tail = open(log).read()[-3000:]
-        sys.exit(f"{name} failed (exit {p.returncode}); the end of {log}:\n{tail}")
-    print(f"    {name}: {times[name]:.1f}s", flush=True)
+DONE = ".demo_done"  # in a phase's output folder: the command that produced it (--reuse)
+
+
+class Runner:
+    """Runs the phases in order, each a subprocess logged to demo.log, timed. With reuse, a phase whose folder
+    holds the DONE file of the very same command is skipped, until the first phase that does run: every phase
+    after it runs too (its inputs changed)."""
+
+    def __init__(self, log, reuse):
+        self.log, self.reuse, self.times, self.reused = log, reuse, {}, []
+
+    def __call__(self, cmd, name, folder, fresh=False):
+        """fresh: the folder is emptied first (a benchmark resumes what its folder holds: a bench of a retrained
+        checkpoint must start over; eval_unified would refuse the old folder)."""
+        done, key = os.path.join(folder, DONE), json.dumps(cmd)
+        if self.reuse and os.path.exists(done) and open(done).read() == key:
+            print(f"=== {name}: reused ({folder})", flush=True)
+            self.reused.append(name)
+            return
+        self.reuse = False
+        if os.path.exists(done):
+            os.remove(done)
+        if fresh and os.path.isdir(folder):
+            shutil.rmtree(folder)
+        t0 = time.time()
+        print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+        with open(self.log, "a") as f:
+            f.write(f"\n=== {name}: {' '.join(cmd)}\n")
+            f.flush()
+            p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        self.times[name] = time.time() - t0
+        if p.returncode != 0:
+            tail = open(self.log).read()[-3000:]
+            sys.exit(f"{name} failed (exit {p.returncode}); the end of {self.log}:\n{tail}")
+        os.makedirs(folder, exist_ok=True)
+        with open(done, "w") as f:
+            f.write(key)
+        print(f"    {name}: {self.times[name]:.1f}s", flush=True)
 
 
 def read_log(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/demo", help="everything goes here; report.md + report.png at the top")
     p.add_argument("--seed", type=int, default=0, help="one seed for the world, the stand-ins and every stage")
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the artifacts, shows nothing")
-    a = p.parse_args()
+    p.add_argument("--rounds", type=int, default=1, help=(
+        "Unified-GRPO as a loop: K rounds of (stage 2, stage 3), each 1/K of the steps, chained by --init and "
+        "--step_offset, in <out_dir>/rounds<K>/ with its own report (1: stage 2 then stage 3, the paper's order)"))
+    p.add_argument("--reuse", action="store_true", help=(
+        "skip the phases already in out_dir from the same command (e.g. --rounds 2 after a plain run: the "
+        "stand-ins and stage 1 are not trained again); everything after the first phase that runs is run"))
+    a = p.parse_args(argv)
     q = int(a.quick)
     n = {k: v[q] for k, v in PLAN.items()}
+    K = a.rounds
+    if K < 1 or n["s2_steps"] % K or n["s3_steps"] % K:
+        p.error(f"--rounds {K}: must divide the stage 2 and stage 3 steps ({n['s2_steps']}, {n['s3_steps']})")
     out = os.path.abspath(a.out_dir)
-    os.makedirs(out, exist_ok=True)
-    log, times, t_start = os.path.join(out, "demo.log"), {}, time.time()
+    rep = out if K == 1 else os.path.join(out, f"rounds{K}")  # where this schedule's stages and report go
+    os.makedirs(rep, exist_ok=True)
+    log, t_start = os.path.join(rep, "demo.log"), time.time()
     open(log, "w").close()
+    run = Runner(log, a.reuse)
     data, S = os.path.join(out, "shapes"), os.path.join(out, "standins")
     train, val = os.path.join(data, "train", "captions.jsonl"), os.path.join(data, "val")
     seed = ["--seed", str(a.seed)]
     base = ["--encoder", f"{S}/encoder", "--decoder", f"{S}/decoder"]
     reward = ["--reward", "clip", "--reward_path", f"{S}/clip"]
-    run(["data/shapes/prepare.py", "--out", data, "--n_train", str(n["n_train"]), "--n_val", str(n["n_val"]), *seed], log, times, "prepare")
+    run(["data/shapes/prepare.py", "--out", data, "--n_train", str(n["n_train"]), "--n_val", str(n["n_val"]), *seed],
+        "prepare", data)
     quick = ["--vae_steps", "4", "--clip_steps", "4", "--cap_steps", "4", "--eval_n", "4", "--eval_G", "2"] if q else []
-    run(["data/shapes/standins.py", "--data", data, "--out", S, *seed, *quick], log, times, "standins")
+    run(["data/shapes/standins.py", "--data", data, "--out", S, *seed, *quick], "standins", S)
     run(["stage1_coldstart.py", *base, "--resolution", "64", "--data", train, "--objective", "fm", "--steps", str(n["fm_steps"]),
-         "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000", "--out_dir", f"{out}/stage1_fm", "--overwrite", *seed],
-        log, times, "stage1 fm")
+         "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000",
+         "--out_dir", f"{out}/stage1_fm", "--overwrite", *seed], "stage1 fm", f"{out}/stage1_fm")
     run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--resolution", "64", "--data", train, "--objective", "sem", *reward,
          "--steps", str(n["sem_steps"]), "--batch_size", "8", "--max_new_tokens", "40", "--lr", "3e-4", "--sample_every", "0",
-         "--save_every", "100000", "--out_dir", f"{out}/stage1", "--overwrite", *seed], log, times, "stage1 sem")
+         "--save_every", "100000", "--out_dir", f"{out}/stage1", "--overwrite", *seed], "stage1 sem", f"{out}/stage1")
     bench = ["--src", val, "--steps", "10", "--cfg", "1.0", "--max_new_tokens", "40", "--temperature", "0.7",
              "--backbones", "clip,pixel", "--clip_path", f"{S}/clip", "--batch_size", "8", *seed]
-    run(["eval_unified.py", "--init", f"{out}/stage1", "--out_dir", f"{out}/bench_stage1", *bench], log, times, "bench after 1")
-    run(["stage2_grpo_und.py", "--init", f"{out}/stage1", "--resolution", "64", "--data", train, *reward, "--steps", str(n["s2_steps"]),
-         "--G", "8", "--batch_size", "4", "--micro_batch", "32", "--max_new_tokens", "40", "--sample_steps", "8", "--cfg", "1.0",
-         "--lr", "1e-3", "--beta", "0.04", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage2", "--overwrite", *seed,
-         "--eval_every", str(n["eval_every"]), "--eval_data", val, "--eval_images", "16", "--eval_G", "4"],
-        log, times, "stage2")
-    run(["eval_unified.py", "--init", f"{out}/stage2", "--out_dir", f"{out}/bench_stage2", *bench], log, times, "bench after 2")
-    run(["stage3_grpo_gen.py", "--init", f"{out}/stage2", "--resolution", "64", "--data", train, *reward, "--steps", str(n["s3_steps"]),
-         "--G", "4", "--groups", "2", "--sample_steps", "8", "--eval_steps", "10", "--cfg", "1.0", "--max_new_tokens", "40",
-         "--lr", "1e-3", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{out}/stage3", "--overwrite", *seed,
-         "--eval_every", str(n["eval_every"]), "--eval_images", "8",
-         "--captions_per_image", "0"], log, times, "stage3")  # 60 visits of 2000 images: a caption cache would not pay
-    run(["eval_unified.py", "--init", f"{out}/stage3", "--out_dir", f"{out}/bench_stage3", *bench], log, times, "bench after 3")
-    times["total"] = time.time() - t_start
-    report(out, val, times, a.seed)
+    run(["eval_unified.py", "--init", f"{out}/stage1", "--out_dir", f"{out}/bench_stage1", *bench], "bench after 1",
+        f"{out}/bench_stage1", fresh=True)
+    s2, s3, prev = n["s2_steps"] // K, n["s3_steps"] // K, f"{out}/stage1"
+    for k, (d2, d3) in enumerate(phases(K), 1):
+        off = ["--step_offset", str((k - 1) * s2)]  # round k draws the batches the sequential run draws then
+        run(["stage2_grpo_und.py", "--init", prev, "--resolution", "64", "--data", train, *reward, "--steps", str(s2),
+             "--G", "8", "--batch_size", "4", "--micro_batch", "32", "--max_new_tokens", "40", "--sample_steps", "8",
+             "--cfg", "1.0", "--lr", "1e-3", "--beta", "0.04", "--sample_every", "10", "--save_every", "100000",
+             "--out_dir", f"{rep}/{d2}", "--overwrite", *seed, *off, "--eval_every", str(n["eval_every"]),
+             "--eval_data", val, "--eval_images", "16", "--eval_G", "4"], label(d2), f"{rep}/{d2}")
+        run(["eval_unified.py", "--init", f"{rep}/{d2}", "--out_dir", f"{rep}/bench_{d2}", *bench], f"bench after {label(d2)}",
+            f"{rep}/bench_{d2}", fresh=True)
+        off = ["--step_offset", str((k - 1) * s3)]
+        run(["stage3_grpo_gen.py", "--init", f"{rep}/{d2}", "--resolution", "64", "--data", train, *reward, "--steps", str(s3),
+             "--G", "8", "--groups", "2", "--sample_steps", "8", "--eval_steps", "10", "--cfg", "1.0", "--max_new_tokens", "40",
+             "--lr", "1e-3", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{rep}/{d3}", "--overwrite", *seed,
+             *off, "--eval_every", str(n["eval_every"]), "--eval_data", val, "--eval_images", "32", "--sde_window", "3",
+             "--captions_per_image", "0"], label(d3), f"{rep}/{d3}")  # a visit per image: a caption cache would not pay
+        run(["eval_unified.py", "--init", f"{rep}/{d3}", "--out_dir", f"{rep}/bench_{d3}", *bench], f"bench after {label(d3)}",
+            f"{rep}/bench_{d3}", fresh=True)
+        prev = f"{rep}/{d3}"
+    times = dict(run.times, total=time.time() - t_start)
+    report(out, rep, val, times, a.seed, K, run.reused)
+
+
+def phases(K):
+    """The stage folders of each round: [(stage 2's, stage 3's)]; one round keeps the plain names."""
+    return [("stage2", "stage3")] if K == 1 else [(f"stage2_r{k}", f"stage3_r{k}") for k in range(1, K + 1)]
+
+
+def label(d):
+    """stage2 -> 'stage2'; stage2_r1 -> 'stage2 (round 1)'."""
+    return d if "_r" not in d else d.replace("_r", " (round ") + ")"
 
 
 def smooth(v, k=5):
@@ -123,8 +193,9 @@ def smooth(v, k=5):
     return [sum(v[max(0, i - k + 1):i + 1]) / len(v[max(0, i - k + 1):i + 1]) for i in range(len(v))]
 
 
-def report(out, val, times, seed=0):
-    """report.png (curves + held-out grid), report.md (checks, tables, times), report.json (the numbers)."""
+def report(out, rep, val, times, seed=0, K=1, reused=()):
+    """rep/report_curves.png, report_grid.png, report_stage3.png (pictures), report.md (checks, tables, times),
+    report.json (the numbers). out: the run (shapes, stand-ins, stage 1); rep: this schedule's folder."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,79 +203,121 @@ def report(out, val, times, seed=0):
     import data as D
     sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
     from standins import caption_stats
-    L2, L3 = read_log(f"{out}/stage2/log.jsonl"), read_log(f"{out}/stage3/log.jsonl")
-    s2, e2 = [d for d in L2 if "reward/mean" in d], [d for d in L2 if "eval/reward" in d]
-    s3, e3 = [d for d in L3 if "reward/mean" in d], [d for d in L3 if "eval/reward" in d]
-    names = ["stage1", "stage2", "stage3"]
-    benches = {k: json.load(open(f"{out}/bench_{k}/unified_bench.json")) for k in names}
+    rounds = phases(K)
+    # the logs of every round, on one step axis: round k's steps follow round k-1's
+    s2, e2, s3, e3 = [], [], [], []   # training-batch records, eval records: lists of rounds
+    for d2, d3 in rounds:
+        for d, st, ev in ((d2, s2, e2), (d3, s3, e3)):
+            L = read_log(f"{rep}/{d}/log.jsonl")
+            st.append([x for x in L if "reward/mean" in x])
+            ev.append([x for x in L if "eval/reward" in x])
+    def glob(parts):  # -> [(steps, records)] with global steps
+        o, res = 0, []
+        for part in parts:
+            res.append(([x["step"] + o for x in part], part))
+            o += max((x["step"] for x in part), default=0)
+        return res
+    names = ["stage1"] + [d for r in rounds for d in r]
+    folder = {k: (out if k == "stage1" else rep) for k in names}
+    benches = {k: json.load(open(f"{folder[k]}/bench_{k}/unified_bench.json")) for k in names}
     vrecs = {os.path.splitext(r["image"])[0]: r for r in map(json.loads, open(os.path.join(val, "captions.jsonl")))}
-    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(f"{out}/bench_stage3/recon"))
-    caps = {k: {s: open(f"{out}/bench_{k}/captions/{s}.txt").read().strip() for s in stems} for k in names}
+    last2, last3 = rounds[-1]
+    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(f"{rep}/bench_{last3}/recon"))
+    caps = {k: {s: open(f"{folder[k]}/bench_{k}/captions/{s}.txt").read().strip() for s in stems} for k in names}
     cstats = {k: caption_stats([caps[k][s] for s in stems], [vrecs[s] for s in stems]) for k in names}
     for k in names:  # "on a <colour> background" anywhere, also in captions the strict grammar parse rejects
         said = [BACKGROUND.search(caps[k][s]) for s in stems]
         cstats[k]["background_any"] = sum(m is not None for m in said) / len(stems)
         cstats[k]["background_any_right"] = sum(m is not None and m.group(1) == vrecs[s]["background"]
                                                 for m, s in zip(said, stems)) / len(stems)
+    clip = {k: benches[k]["backbones"]["clip"]["mean"] for k in names}
 
-    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
-    col = lambda part, key: [d[key] for d in part]
-    ax[0].plot(col(s2, "step"), col(s2, "reward/mean"), color="C0", alpha=0.25, lw=1, label="training batch")
-    ax[0].plot(col(s2, "step"), smooth(col(s2, "reward/mean")), color="C0", label="training batch, 5-step mean")
-    ax[0].plot(col(e2, "step"), col(e2, "eval/reward"), "o-", color="C3", label="fixed held-out eval")
-    ax[0].set(title="stage 2 (GRPO on the captioner): reward", xlabel="step", ylabel="tiny-CLIP cosine")
-    ax[1].plot(col(s2, "step"), smooth(col(s2, "caption/words_mean")), color="C0", label="words, training batch (5-step mean)")
-    ax[1].plot(col(e2, "step"), col(e2, "eval/words_mean"), "o-", color="C3", label="words, fixed held-out eval")
-    ax[1].plot(col(e2, "step"), col(e2, "eval/tokens_mean"), "s--", color="C1", label="tokens, fixed held-out eval")
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    col = lambda part, key: [x[key] for x in part]
+    for i, ((x, st), (xe, ev)) in enumerate(zip(glob(s2), glob(e2))):
+        one = i == 0  # one legend entry per curve
+        ax[0].plot(x, col(st, "reward/mean"), color="C0", alpha=0.25, lw=1, label="training batch" if one else None)
+        ax[0].plot(x, smooth(col(st, "reward/mean")), color="C0", label="training batch, 5-step mean" if one else None)
+        ax[0].plot(xe, col(ev, "eval/reward"), "o-", color="C3", label="fixed held-out eval" if one else None)
+        ax[1].plot(x, smooth(col(st, "caption/words_mean")), color="C0", label="words, training batch (5-step mean)" if one else None)
+        ax[1].plot(xe, col(ev, "eval/words_mean"), "o-", color="C3", label="words, fixed held-out eval" if one else None)
+        ax[1].plot(xe, col(ev, "eval/tokens_mean"), "s--", color="C1", label="tokens, fixed held-out eval" if one else None)
+    for i, ((x, st), (xe, ev)) in enumerate(zip(glob(s3), glob(e3))):
+        one = i == 0
+        ax[2].plot(x, col(st, "reward/mean"), color="C2", alpha=0.25, lw=1, label="training batch (SDE)" if one else None)
+        ax[2].plot(x, smooth(col(st, "reward/mean")), color="C2", label="training batch, 5-step mean" if one else None)
+        ax[2].plot(xe, col(ev, "eval/reward"), "o-", color="C3", label="fixed held-out eval (ODE)" if one else None)
+    per = " per round" if K > 1 else ""
+    ax[0].set(title=f"stage 2 (GRPO on the captioner): reward{per}", xlabel="step", ylabel="tiny-CLIP cosine")
     ax[1].set(title="stage 2: caption length", xlabel="step")
-    ax[2].plot(col(s3, "step"), col(s3, "reward/mean"), color="C2", alpha=0.25, lw=1, label="training batch")
-    ax[2].plot(col(s3, "step"), smooth(col(s3, "reward/mean")), color="C2", label="training batch, 5-step mean")
-    ax[2].plot(col(e3, "step"), col(e3, "eval/reward"), "o-", color="C3", label="fixed eval (ODE)")
     ax[2].set(title="stage 3 (Flow-GRPO on the DiT): reward", xlabel="step")
-    clip = [benches[k]["backbones"]["clip"]["mean"] for k in names]
-    ax[3].bar(["after 1", "after 2", "after 3"], clip, color=["C7", "C0", "C2"])
-    ax[3].set(title="held-out score (tiny-CLIP x100)", ylim=(min(0, min(clip) - 2), max(clip) * 1.15 + 1))
+    for a_, parts in ((ax[0], s2), (ax[1], s2), (ax[2], s3)):
+        for x, _ in glob(parts)[:-1]:  # round boundaries
+            a_.axvline(x[-1] if x else 0, color="k", ls=":", lw=1)
+    short = {k: "after 1" if k == "stage1" else f"after {k[5]}" + (f"\nround {k[-1]}" if K > 1 else "") for k in names}
+    ax[3].bar([short[k] for k in names], [clip[k] for k in names], color=["C7"] + ["C0", "C2"] * K)
+    ax[3].set(title="held-out score (tiny-CLIP x100)", ylim=(min(0, min(clip.values()) - 2), max(clip.values()) * 1.15 + 1))
     for a_ in ax[:3]:
         a_.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(f"{out}/report_curves.png", dpi=100)
-    # grid: held-out source | reconstruction after stage 1 | 2 | 3, captions after stage 1 and 2 below
+    fig.savefig(f"{rep}/report_curves.png", dpi=100)
+    plt.close(fig)
+    # grid: held-out source | reconstruction after stage 1 | after each later stage; captions after 1 and the last 2
     show = stems[:8]
     load = lambda p: D.load_image(p, 64)[None]
+    recon = lambda k, s: load(f"{folder[k]}/bench_{k}/recon/{s}.png")
     cols = [torch.cat([load(os.path.join(val, s + ".png")) for s in show])]
-    cols += [torch.cat([load(f"{out}/bench_{k}/recon/{s}.png") for s in show]) for k in names]
-    D.save_grid(f"{out}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps['stage2'][s]}" for s in show], size=96)
+    cols += [torch.cat([recon(k, s) for s in show]) for k in names]
+    D.save_grid(f"{rep}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps[last2][s]}" for s in show], size=96)
+    # stage 3's own part: the same held-out sources, captions and noise, redrawn before and after (the last) stage 3
+    score = lambda k: {r["name"]: r["scores"]["clip"] for r in benches[k]["per_image"]}
+    b2, b3 = score(last2), score(last3)
+    strip = [torch.cat([load(os.path.join(val, s + ".png")), recon(last2, s), recon(last3, s)]) for s in show]
+    D.save_grid(f"{rep}/report_stage3.png", strip, [
+        "held-out sources", "before stage 3 (after stage 2), tiny-CLIP x100: " + " ".join(f"{b2[s]:.0f}" for s in show),
+        "after stage 3, the same captions and noise: " + " ".join(f"{b3[s]:.0f}" for s in show)], size=96)
 
     # the effect the demo is about, measured
-    first, last = (e2[0], e2[-1]) if e2 else ({}, {})
+    firsts2, lasts2 = (e2[0][0], e2[-1][-1]) if e2[0] and e2[-1] else ({}, {})
+    e3_ok = all(ev for ev in e3)
+    own3 = sum(clip[d3] - clip[d2] for d2, d3 in rounds)  # held-out points stage 3 adds, over the rounds
     checks = {
-        "stage2_caption_length_rises": {"first": first.get("eval/words_mean"), "last": last.get("eval/words_mean")},
-        "stage2_reward_rises": {"first": first.get("eval/reward"), "last": last.get("eval/reward")},
-        "heldout_stage3_above_stage1": {"first": clip[0], "last": clip[2]},
+        "stage2_caption_length_rises": {"first": firsts2.get("eval/words_mean"), "last": lasts2.get("eval/words_mean")},
+        "stage2_reward_rises": {"first": firsts2.get("eval/reward"), "last": lasts2.get("eval/reward")},
+        "stage3_eval_rises": {"first": sum(ev[0]["eval/reward"] for ev in e3) / K if e3_ok else None,
+                              "last": sum(ev[-1]["eval/reward"] for ev in e3) / K if e3_ok else None},
+        "heldout_stage3_above_stage2": {"first": sum(clip[d2] for d2, _ in rounds) / K, "last": sum(clip[d3] for _, d3 in rounds) / K},
+        "heldout_last_above_stage1": {"first": clip["stage1"], "last": clip[last3]},
     }
     for c in checks.values():
         c["pass"] = c["first"] is not None and c["last"] is not None and c["last"] > c["first"]
     fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"
-    rows = {"stage2_caption_length_rises": ("stage 2: words per caption (fixed held-out eval, step 0 -> last)", 1),
-            "stage2_reward_rises": ("stage 2: reward (fixed held-out eval, step 0 -> last)", 3),
-            "heldout_stage3_above_stage1": ("held-out tiny-CLIP score x100, after stage 1 -> after stage 3", 2)}
-    L = ["# UAE shapes-world demo", "", f"Seed {seed}. Total wall time: {times['total']:.0f} s. Every command and its output: "
+    mean_r = " (mean over rounds)" if K > 1 else ""
+    rows = {"stage2_caption_length_rises": ("stage 2: words per caption (fixed held-out eval, first -> last step)", 1),
+            "stage2_reward_rises": ("stage 2: reward (fixed held-out eval, first -> last step)", 3),
+            "stage3_eval_rises": (f"stage 3: reward (fixed ODE eval, step 0 -> last){mean_r}", 3),
+            "heldout_stage3_above_stage2": ("held-out tiny-CLIP x100, after stage 2 -> after stage 3: stage 3's own part"
+                                            + mean_r, 2),
+            "heldout_last_above_stage1": ("held-out tiny-CLIP x100, after stage 1 -> at the end", 2)}
+    sched = "stage 2 then stage 3" if K == 1 else f"{K} rounds of (stage 2, stage 3), each 1/{K} of the steps"
+    L = ["# UAE shapes-world demo", "", f"Seed {seed}. Schedule: {sched}. Total wall time: {times['total']:.0f} s"
+         + (f" (reused from an earlier run: {', '.join(reused)})" if reused else "") + ". Every command and its output: "
          "demo.log.", "",
          "## What it shows", "", "| check | before | after | |", "|---|---|---|---|"]
-    L += [f"| {label} | {fmt(checks[k]['first'], d)} | {fmt(checks[k]['last'], d)} | {'PASS' if checks[k]['pass'] else 'FAIL'} |"
-          for k, (label, d) in rows.items()]
-    L += [f"| (not a check) held-out score x100, after stage 2 -> after stage 3: stage 3's own part | {clip[1]:.2f} | "
-          f"{clip[2]:.2f} | |", "",
-         "![curves](report_curves.png)", "",
-         "Held-out sources | reconstruction after stage 1 | after stage 2 | after stage 3 (captions after stage 1 | 2; "
-         "stage 3 keeps stage 2's captioner):", "", "![grid](report_grid.png)", "",
-         f"## Held-out Unified-Bench-style table ({len(stems)} images)", "",
-         "| after | " + " | ".join(f"{b} x100" for b in benches["stage1"]["backbones"]) +
-         " | words | names the background | names the right one | caption well-formed | shapes named* |",
-         "|---|" + "---|" * (len(benches["stage1"]["backbones"]) + 5)]
+    L += [f"| {label_} | {fmt(checks[k]['first'], d)} | {fmt(checks[k]['last'], d)} | {'PASS' if checks[k]['pass'] else 'FAIL'} |"
+          for k, (label_, d) in rows.items()]
+    L += ["", "![curves](report_curves.png)", "",
+          "Stage 3 on its own: held-out sources, their redraws before and after stage 3 (the same captions and noise; "
+          "tiny-CLIP x100 per image):", "", "![stage 3](report_stage3.png)", "",
+          "Held-out sources | reconstruction after stage 1 | after each later stage (captions after stage 1 | after the "
+          "last stage 2; stage 3 keeps the captioner it starts from):", "", "![grid](report_grid.png)", "",
+          f"## Held-out Unified-Bench-style table ({len(stems)} images)", "",
+          "| after | " + " | ".join(f"{b} x100" for b in benches["stage1"]["backbones"]) +
+          " | words | names the background | names the right one | caption well-formed | shapes named* |",
+          "|---|" + "---|" * (len(benches["stage1"]["backbones"]) + 5)]
     for k in names:
         b, c = benches[k]["backbones"], cstats[k]
-        L.append(f"| {k} | " + " | ".join(f"{v['mean']:.2f}" for v in b.values()) +
+        L.append(f"| {label(k)} | " + " | ".join(f"{v['mean']:.2f}" for v in b.values()) +
                  f" | {c['words']:.1f} | {c['background_any']:.0%} | {c['background_any_right']:.0%} | {c['well_formed']:.0%} | "
                  f"{c['shapes_mentioned']:.2f} |")
     L += ["", "(pixel: a weight-free 8x8 colour-layout similarity, a sanity check beside the learnt CLIP. "
@@ -212,13 +325,12 @@ def report(out, val, times, seed=0):
           "count every caption that says 'on a <colour> background'; well-formed: parses as the world's grammar; "
           "*: per well-formed caption.)"]
     L += ["", "## Wall time per phase", "", "| phase | s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
-    open(f"{out}/report.md", "w").write("\n".join(L) + "\n")
-    k5 = max(1, len(s2) // 5)
-    summary = {"seed": seed, "times": times, "checks": checks, "bench": {k: benches[k]["backbones"] for k in names},
-               "captions": cstats, "stage2": {"eval": e2, "first": s2[:k5], "last": s2[-k5:]},
-               "stage3": {"eval": e3}}
-    json.dump(summary, open(f"{out}/report.json", "w"), indent=1)
-    print(open(f"{out}/report.md").read())
+    open(f"{rep}/report.md", "w").write("\n".join(L) + "\n")
+    summary = {"seed": seed, "rounds": K, "times": times, "reused": list(reused), "checks": checks,
+               "bench": {k: benches[k]["backbones"] for k in names}, "stage3_own_part": own3, "captions": cstats,
+               "stage2": {"eval": [x for ev in e2 for x in ev]}, "stage3": {"eval": [x for ev in e3 for x in ev]}}
+    json.dump(summary, open(f"{rep}/report.json", "w"), indent=1)
+    print(open(f"{rep}/report.md").read())
 
 
 if __name__ == "__main__":

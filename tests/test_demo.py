@@ -9,25 +9,63 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_quick_demo_writes_the_report(tmp_path):
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "demo.py", "--quick", "--out_dir", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+def demo(*args):
+    r = subprocess.run([sys.executable, "demo.py", "--quick", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for f in ("report.md", "report.json", "report_curves.png", "report_grid.png", "demo.log"):
+    return r
+
+
+CHECKS = {"stage2_caption_length_rises", "stage2_reward_rises", "stage3_eval_rises", "heldout_stage3_above_stage2",
+          "heldout_last_above_stage1"}
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
+    out = tmp_path / "demo"
+    demo("--out_dir", str(out))
+    for f in ("report.md", "report.json", "report_curves.png", "report_grid.png", "report_stage3.png", "demo.log"):
         assert (out / f).stat().st_size > 0, f
     rep = json.load(open(out / "report.json"))
-    assert set(rep["bench"]) == {"stage1", "stage2", "stage3"}
+    assert set(rep["bench"]) == {"stage1", "stage2", "stage3"} and rep["rounds"] == 1 and rep["reused"] == []
     for k, b in rep["bench"].items():
         assert 0 < b["clip"]["mean"] <= 100 and b["clip"]["n"] == 4, k
-    assert rep["stage2"]["first"] and "caption/words_mean" in rep["stage2"]["first"][0]
-    assert [d["step"] for d in rep["stage2"]["eval"]] == [0, 1, 2] and set(rep["checks"]) == {
-        "stage2_caption_length_rises", "stage2_reward_rises", "heldout_stage3_above_stage1"}
+    assert [d["step"] for d in rep["stage2"]["eval"]] == [0, 1, 2] and [d["step"] for d in rep["stage3"]["eval"]] == [0, 1, 2]
+    assert set(rep["checks"]) == CHECKS
     assert all(isinstance(c["pass"], bool) and c["first"] is not None for c in rep["checks"].values())
+    own = rep["bench"]["stage3"]["clip"]["mean"] - rep["bench"]["stage2"]["clip"]["mean"]
+    assert abs(rep["stage3_own_part"] - own) < 1e-9
     assert rep["seed"] == 0 and set(rep["captions"]["stage1"]) >= {"words", "background_any", "background_any_right", "well_formed"}
     assert all(t > 0 for t in rep["times"].values())
     md = open(out / "report.md").read()
-    assert "| stage3 |" in md and "Wall time" in md
+    assert "| stage3 |" in md and "Wall time" in md and "stage 3: reward (fixed ODE eval" in md
     for d in ("stage1_fm/ckpt", "stage1/ckpt", "stage2/ckpt", "stage3/ckpt", "standins/clip", "standins/encoder"):
         assert os.path.isdir(out / d), d
+
+    # data/shapes/probe.py (README's stage-3 measurements) runs on the finished run
+    sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
+    import probe
+    res = probe.main(["--run", str(out), "--n", "2", "--G", "1", "--stages", "stage2,stage3", "--ode_steps", "3",
+                      "--sde_steps", "3", "--windows", "0,1"])
+    assert res["reward"]["background only"] < 1 and set(res["stage3"]) == {"own captions", "full captions"}
+    assert set(res["stage3"]["own captions"]) == {"ODE 3 steps", "SDE 3 steps a=0.7", "SDE 3 steps a=0.7 window 1"}
+    assert json.load(open(out / "probe.json"))["stage2"] == res["stage2"]
+
+    # --rounds 2 --reuse in the same out_dir: the world, stand-ins and stage 1 are reused, the rounds chain
+    r = demo("--out_dir", str(out), "--rounds", "2", "--reuse")
+    rr = out / "rounds2"
+    rep2 = json.load(open(rr / "report.json"))
+    assert rep2["reused"] == ["prepare", "standins", "stage1 fm", "stage1 sem", "bench after 1"], r.stdout[-2000:]
+    assert set(rep2["bench"]) == {"stage1", "stage2_r1", "stage3_r1", "stage2_r2", "stage3_r2"}
+    assert rep2["bench"]["stage1"] == rep["bench"]["stage1"] and set(rep2["checks"]) == CHECKS
+    own = sum(rep2["bench"][f"stage3_r{k}"]["clip"]["mean"] - rep2["bench"][f"stage2_r{k}"]["clip"]["mean"] for k in (1, 2))
+    assert abs(rep2["stage3_own_part"] - own) < 1e-9
+    assert [d["step"] for d in rep2["stage2"]["eval"]] == [0, 1, 0, 1]  # 1 step a round, an eval before and after
+    cfg = lambda d: json.load(open(rr / d / "ckpt" / "uae.json"))["args"]
+    inits = {d: cfg(d)["init"] for d in ("stage2_r1", "stage3_r1", "stage2_r2", "stage3_r2")}
+    assert inits == {"stage2_r1": str(out / "stage1"), "stage3_r1": str(rr / "stage2_r1"),
+                     "stage2_r2": str(rr / "stage3_r1"), "stage3_r2": str(rr / "stage2_r2")}
+    assert [cfg(d)["step_offset"] for d in ("stage2_r1", "stage2_r2", "stage3_r1", "stage3_r2")] == [0, 1, 0, 1]
+    md = open(rr / "report.md").read()
+    assert "2 rounds" in md and "| stage2 (round 2) |" in md and "reused from an earlier run" in md
+    assert (out / "report.md").stat().st_size > 0  # the plain schedule's report is still there
