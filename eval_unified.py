@@ -19,7 +19,8 @@ Score any system's reconstructions (pairs matched by file name stem, no model lo
 
 Outputs under --out: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
 (per-image scores, per-backbone mean/std/n, summary, problems) and a Markdown table on stdout with
-the paper's rows beside ours. Re-running reuses every reconstruction whose caption and PNG exist.
+the paper's rows beside ours. Re-running reuses every reconstruction whose caption and PNG exist, if the
+generation settings and the checkpoint are the ones that made them (settings.json); otherwise it refuses.
 Unreadable images, non-image files and missing pairs are listed in `problems` and the run goes on.
 If no pair at all could be scored (e.g. an empty folder) the JSON is still written (n = 0) and the
 script exits with status 2 and an `error:` line.
