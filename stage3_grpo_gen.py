@@ -62,8 +62,8 @@ Where this departs from the paper (which gives no RL details for this stage) and
    makes from the state the window left. Flow-GRPO's "Fast" variant and MixGRPO also confine the SDE to a window
    of steps (they move it; here it is fixed at the start). Why it exists (README, "Stage 3 in the shapes world"):
    with 8 steps the scheduler's sigmas are 1, .95, .88, .80, .69, .55, .34, .009, 0, so the last trained step
-   leaps from .34 to .009 adding noise of std .29 that no later step removes; at higher learning rates the policy
-   learnt to please the reward through that noise (SDE reward up) while its ODE images got worse.
+   leaps from .34 to .009 adding noise of std .29 that no later step removes, and in the demo the training reward
+   rose while a fixed ODE eval fell; with the window the gains carried over to the ODE (5 seeds of 5).
 
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
 v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
