@@ -172,19 +172,19 @@ def _image_path(root, img):
     return img if os.path.isabs(img) else os.path.join(root, img)
 
 
-def list_dataset(path, need_captions=False):
-    """Parse --data completely -> [(image path, caption or None)], or DataError naming the flag, file or
+def list_dataset(path, need_captions=False, flag="data"):
+    """Parse --data (or the dataset flag named by `flag`) completely -> [(image path, caption or None)], or DataError naming the flag, file or
     line: a folder (recursive; every image-extension entry must be a regular file) or a .jsonl whose
     every non-blank line is a JSON object with a string "image" naming an existing regular file
     (relative to the .jsonl's folder) and an optional string "caption"."""
     if not path:
-        raise DataError("--data is required: a folder of images or a .jsonl of {\"image\": path, \"caption\": text} lines")
+        raise DataError(f'--{flag} is required: a folder of images or a .jsonl of {{"image": path, "caption": text}} lines')
     if os.path.isdir(path):
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
         items = [p for p in files if os.path.isfile(p)]
         odd = [p for p in files if not os.path.isfile(p)]
         if odd:
-            raise DataError(f"--data {path!r}: {odd[0]} is not a regular file (a FIFO, socket, device or broken link"
+            raise DataError(f"--{flag} {path!r}: {odd[0]} is not a regular file (a FIFO, socket, device or broken link"
                             + (f"; {len(odd) - 1} more" if len(odd) > 1 else "") + "); move it out of the folder")
         items = [(p, None) for p in items]
     elif os.path.isfile(path) and path.endswith(".jsonl"):
@@ -217,15 +217,15 @@ def list_dataset(path, need_captions=False):
                 raise DataError(f"{where}: image {img!r} is not a regular file ({p})")
             items.append((p, cap))
     elif os.path.exists(path):
-        raise DataError(f"--data {path!r}: expected a folder of images or a .jsonl of {{image, caption}}")
+        raise DataError(f"--{flag} {path!r}: expected a folder of images or a .jsonl of {{image, caption}}")
     else:
-        raise DataNotFound(f"--data {path!r}: no such file or folder (expected a folder of images or a .jsonl)")
+        raise DataNotFound(f"--{flag} {path!r}: no such file or folder (expected a folder of images or a .jsonl)")
     if not items:
-        raise DataError(f"--data {path!r}: no images found (extensions {', '.join(IMAGE_EXTS)})")
+        raise DataError(f"--{flag} {path!r}: no images found (extensions {', '.join(IMAGE_EXTS)})")
     if need_captions:
         miss = [p for p, c in items if not c]
         if miss:
-            raise DataError(f"--data {path!r}: {len(miss)} images have no caption (e.g. {miss[0]}); the 'fm' "
+            raise DataError(f"--{flag} {path!r}: {len(miss)} images have no caption (e.g. {miss[0]}); the 'fm' "
                             "objective needs a .jsonl with {\"image\": ..., \"caption\": ...} lines")
     return items
 

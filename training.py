@@ -263,7 +263,7 @@ def validate_run(args, stage, *, size, datasets=(), harmless=()):
         check_init(args.init)
     D.MAX_PIXELS = args.max_pixels  # the reader's cap for this process (as PIL's MAX_IMAGE_PIXELS)
     for flag, caps in datasets:
-        D.list_dataset(getattr(args, flag), caps)
+        D.list_dataset(getattr(args, flag), caps, flag=flag)
     return check_out_dir(args, stage, harmless)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
 import model as M
 import training as T
 import stage3_grpo_gen as S
@@ -246,7 +247,7 @@ def test_eval_data_is_the_fixed_eval_set(data, tmp_path):
     ev = lambda o: [d["eval/reward"] for d in logs(str(tmp_path / o)) if "eval/reward" in d]
     assert len(ev("b")) == 2 and ev("b")[0] == ev("b")[1]   # lr 0: the same model, the same fixed set
     assert ev("a")[0] != ev("b")[0]
-    with pytest.raises(T.UsageError, match="--eval_data"):
+    with pytest.raises(D.DataNotFound, match="--eval_data .*missing.*no such file"):
         S.main(run + ["--out_dir", str(tmp_path / "c"), "--eval_data", str(tmp_path / "missing")])
 
 
