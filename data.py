@@ -173,8 +173,8 @@ def _image_path(root, img):
 
 
 def list_dataset(path, need_captions=False, flag="data"):
-    """Parse --data (or the dataset flag named by `flag`) completely -> [(image path, caption or None)], or DataError naming the flag, file or
-    line: a folder (recursive; every image-extension entry must be a regular file) or a .jsonl whose
+    """Parse --data (or the dataset flag named by `flag`) completely -> [(image path, caption or None)], or
+    DataError naming the flag, file or line: a folder (recursive; every image-extension entry must be a regular file) or a .jsonl whose
     every non-blank line is a JSON object with a string "image" naming an existing regular file
     (relative to the .jsonl's folder) and an optional string "caption"."""
     if not path:

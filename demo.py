@@ -211,12 +211,13 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
             L = read_log(f"{rep}/{d}/log.jsonl")
             st.append([x for x in L if "reward/mean" in x])
             ev.append([x for x in L if "eval/reward" in x])
-    def glob(parts):  # -> [(steps, records)] with global steps
+    def one_axis(parts):  # -> [(steps, records)] per round, round k's steps after round k-1's
         o, res = 0, []
         for part in parts:
             res.append(([x["step"] + o for x in part], part))
             o += max((x["step"] for x in part), default=0)
         return res
+    g2, ge2, g3, ge3 = (one_axis(p) for p in (s2, e2, s3, e3))
     names = ["stage1"] + [d for r in rounds for d in r]
     folder = {k: (out if k == "stage1" else rep) for k in names}
     benches = {k: json.load(open(f"{folder[k]}/bench_{k}/unified_bench.json")) for k in names}
@@ -234,7 +235,7 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
 
     fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
     col = lambda part, key: [x[key] for x in part]
-    for i, ((x, st), (xe, ev)) in enumerate(zip(glob(s2), glob(e2))):
+    for i, ((x, st), (xe, ev)) in enumerate(zip(g2, ge2)):
         one = i == 0  # one legend entry per curve
         ax[0].plot(x, col(st, "reward/mean"), color="C0", alpha=0.25, lw=1, label="training batch" if one else None)
         ax[0].plot(x, smooth(col(st, "reward/mean")), color="C0", label="training batch, 5-step mean" if one else None)
@@ -242,7 +243,7 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
         ax[1].plot(x, smooth(col(st, "caption/words_mean")), color="C0", label="words, training batch (5-step mean)" if one else None)
         ax[1].plot(xe, col(ev, "eval/words_mean"), "o-", color="C3", label="words, fixed held-out eval" if one else None)
         ax[1].plot(xe, col(ev, "eval/tokens_mean"), "s--", color="C1", label="tokens, fixed held-out eval" if one else None)
-    for i, ((x, st), (xe, ev)) in enumerate(zip(glob(s3), glob(e3))):
+    for i, ((x, st), (xe, ev)) in enumerate(zip(g3, ge3)):
         one = i == 0
         ax[2].plot(x, col(st, "reward/mean"), color="C2", alpha=0.25, lw=1, label="training batch (SDE)" if one else None)
         ax[2].plot(x, smooth(col(st, "reward/mean")), color="C2", label="training batch, 5-step mean" if one else None)
@@ -251,8 +252,8 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
     ax[0].set(title=f"stage 2 (GRPO on the captioner): reward{per}", xlabel="step", ylabel="tiny-CLIP cosine")
     ax[1].set(title="stage 2: caption length", xlabel="step")
     ax[2].set(title="stage 3 (Flow-GRPO on the DiT): reward", xlabel="step")
-    for a_, parts in ((ax[0], s2), (ax[1], s2), (ax[2], s3)):
-        for x, _ in glob(parts)[:-1]:  # round boundaries
+    for a_, parts in ((ax[0], g2), (ax[1], g2), (ax[2], g3)):
+        for x, _ in parts[:-1]:  # round boundaries
             a_.axvline(x[-1] if x else 0, color="k", ls=":", lw=1)
     short = {k: "after 1" if k == "stage1" else f"after {k[5]}" + (f"\nround {k[-1]}" if K > 1 else "") for k in names}
     ax[3].bar([short[k] for k in names], [clip[k] for k in names], color=["C7"] + ["C0", "C2"] * K)

@@ -31,12 +31,8 @@ import model as M  # noqa: E402
 import prepare  # noqa: E402
 import reward as R  # noqa: E402
 import training as T  # noqa: E402
+from standins import pil_tensor  # noqa: E402
 from stage3_grpo_gen import sde_sample  # noqa: E402
-
-
-def pil(im):
-    """PIL RGB -> (3, H, W) float in [0, 1], as data.read_image returns."""
-    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3).permute(2, 0, 1).float() / 255
 
 
 def edits(rec, rng):
@@ -67,7 +63,7 @@ def reward_probe(clip, m, val, recs, size):
     acc["VAE reconstruction"] = clip.similarity(X, m.vae_decode(m.vae_encode(X))).tolist()
     for i, r in enumerate(recs):
         for k, im in edits(r, rng).items():
-            acc.setdefault(k, []).append(clip.similarity(X[i:i + 1], pil(im)[None]).item())
+            acc.setdefault(k, []).append(clip.similarity(X[i:i + 1], pil_tensor(im)[None]).item())
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
