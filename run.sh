@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that also does the set-up: ./run.sh demo | test | setup
-#   demo  - demo.py: the shapes world end to end (CPU, 5-7 minutes on 2 cores); extra args go to demo.py
+#   demo  - demo.py: the shapes world end to end (CPU, 5-10 minutes on 2 cores); extra args go to demo.py
 #   test  - the test suite (what CI runs)
 #   setup - only create .venv and install requirements.txt
 set -euo pipefail

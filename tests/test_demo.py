@@ -1,10 +1,13 @@
 """The shapes-world demo, shortened: every stage runs and every artifact is produced and well-formed."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +45,19 @@ def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
     for d in ("stage1_fm/ckpt", "stage1/ckpt", "stage2/ckpt", "stage3/ckpt", "standins/clip", "standins/encoder"):
         assert os.path.isdir(out / d), d
 
+    # the demo's phases run as forks of its warmed-up process: the same phase as a fresh `python` process
+    # (--spawn's way) trains the same weights, bit for bit
+    log = open(out / "demo.log").read()
+    cmd = re.search(r"^=== stage1 fm: (.*)$", log, re.M).group(1).split()
+    i = cmd.index("--out_dir")
+    cmd[i + 1] = str(tmp_path / "fm_spawned")
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    forked, spawned = (load_file(str(d / "ckpt" / "weights.safetensors")) for d in (out / "stage1_fm", tmp_path / "fm_spawned"))
+    assert forked.keys() == spawned.keys() and len(forked) > 0
+    assert all(torch.equal(forked[k], spawned[k]) for k in forked), [k for k in forked if not torch.equal(forked[k], spawned[k])]
+
     # data/shapes/probe.py (README's stage-3 measurements) runs on the finished run
     sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
     import probe
@@ -69,3 +85,28 @@ def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
     md = open(rr / "report.md").read()
     assert "2 rounds" in md and "| stage2 (round 2) |" in md and "reused from an earlier run" in md
     assert (out / "report.md").stat().st_size > 0  # the plain schedule's report is still there
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the demo forks its phases on Linux only")
+def test_a_forked_phase_runs_as_a_fresh_interpreter_would(tmp_path):
+    """demo.run_forked: the script runs as __main__ with its own argv, sys.path[0] and the repo root as working
+    directory, writes to the log, and its exit code is the interpreter's (a message: printed, 1; a traceback: 1)."""
+    sys.path.insert(0, ROOT)
+    import demo
+    script = tmp_path / "phase.py"
+    script.write_text("import os, sys\n"
+                      "print('argv', sys.argv[1:], 'cwd', os.getcwd(), 'path0', sys.path[0], 'main', __name__)\n"
+                      "what = sys.argv[1]\n"
+                      "if what == 'message': sys.exit('phase.py: --x must be positive')\n"
+                      "if what == 'code': sys.exit(3)\n"
+                      "if what == 'raise': raise ValueError('deep inside')\n")
+    got, cwd0, argv0 = {}, os.getcwd(), list(sys.argv)
+    for what in ("ok", "message", "code", "raise"):
+        with open(tmp_path / f"{what}.log", "w") as f:
+            got[what] = demo.run_forked([str(script), what, "--flag"], f)
+        text = open(tmp_path / f"{what}.log").read()
+        assert f"argv ['{what}', '--flag'] cwd {ROOT} path0 {tmp_path} main __main__" in text, text
+    assert got == {"ok": 0, "message": 1, "code": 3, "raise": 1}
+    assert "phase.py: --x must be positive" in open(tmp_path / "message.log").read()
+    assert "ValueError: deep inside" in open(tmp_path / "raise.log").read()
+    assert os.getcwd() == cwd0 and sys.argv == argv0  # it ran in a child: the parent is untouched
