@@ -232,8 +232,7 @@ def checkpoint_id(init):
     for a base model or released:DIR."""
     if not init or init.startswith("released:"):
         return None
-    d = os.path.join(init, "ckpt") if os.path.isdir(os.path.join(init, "ckpt")) else init
-    d = os.path.realpath(d)
+    d = os.path.realpath(model.checkpoint_dir(init))
     files = [os.path.join(d, f) for f in ("uae.json", "weights.safetensors")]
     return [d] + [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
 

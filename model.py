@@ -503,11 +503,15 @@ def arch_of(m):
             "pooled_dim": m.pooled.numel(), "dit_layers": m.transformer.config.num_layers}
 
 
+def checkpoint_dir(path):
+    """A run folder -> its published checkpoint, <run>/ckpt; a checkpoint folder -> itself."""
+    return os.path.join(path, "ckpt") if os.path.isdir(os.path.join(path, "ckpt")) else path
+
+
 def read_checkpoint(path):
     """-> (meta, tensors). Clear errors for a missing, truncated or foreign checkpoint."""
     from safetensors.torch import load_file
-    if os.path.isdir(os.path.join(path, "ckpt")):
-        path = os.path.join(path, "ckpt")
+    path = checkpoint_dir(path)
     mp, wp = os.path.join(path, "uae.json"), os.path.join(path, "weights.safetensors")
     if not os.path.isfile(mp):
         raise CheckpointError(f"{path} is not a UAE checkpoint: no uae.json (expected a directory written by a stage script)")
