@@ -8,7 +8,7 @@ The shapes-world demo: the whole UAE recipe on CPU in minutes, where the "aha mo
 
 It runs the real scripts, unchanged, each in a process of its own (stages with --overwrite: a rerun replaces the
 last one). On Linux that process is a fork of this one, which has imported torch, transformers, diffusers and
-open_clip once, not once a phase (5-8 s each on 2 cores; the same weights, bit for bit: tests/test_demo.py);
+open_clip once, not once a phase (4-8 s each on 2 cores; the same weights, bit for bit: tests/test_demo.py);
 --spawn starts a new python for each:
   data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / held-out val)
   data/shapes/standins.py     stand-ins for what a real user downloads, trained here in ~2.5-3.5 minutes: a
@@ -78,7 +78,7 @@ PLAN = {
 
 DONE = ".demo_done"  # in a phase's output folder: the command that produced it (--reuse)
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # every phase's
-# What every phase imports, 5-8 s a process on 2 cores: imported once here, then each phase is a fork of this process.
+# What every phase imports, 4-8 s a process on 2 cores: imported once here, then each phase is a fork of this process.
 WARM = ["numpy", "PIL.Image", "safetensors.torch", "tqdm", "torch", "peft", "open_clip",
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "transformers.models.qwen2_5_vl.processing_qwen2_5_vl",
         "transformers.generation.utils", "diffusers.models.transformers.transformer_sd3",
@@ -195,7 +195,7 @@ def main(argv=None):
         "stand-ins and stage 1 are not trained again); everything after the first phase that runs is run"))
     p.add_argument("--spawn", action="store_true", help=(
         "run each phase as a new python process (default on Linux: a fork of this one, which has imported torch, "
-        "transformers, diffusers and open_clip once; the same scripts and results, 5-8 s less start-up a phase on 2 cores)"))
+        "transformers, diffusers and open_clip once; the same scripts and results, 4-8 s less start-up a phase on 2 cores)"))
     a = p.parse_args(argv)
     q = int(a.quick)
     n = {k: v[q] for k, v in PLAN.items()}
