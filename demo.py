@@ -94,7 +94,8 @@ def warm_up():
     """Import WARM in this process (no torch op runs here before the forks: a forked child must not inherit a
     started OpenMP pool). The environment is set first: huggingface_hub reads HF_HUB_OFFLINE at import."""
     os.environ.update(ENV)
-    sys.path.insert(0, ROOT)
+    if ROOT not in sys.path:  # demo imported, not run (a test)
+        sys.path.insert(0, ROOT)
     for m in WARM:
         importlib.import_module(m)
 
@@ -127,7 +128,8 @@ def run_forked(cmd, log):
             print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
-    finally:  # what an interpreter does at exit (atexit: loggers' flushes; gc: files left open), then leave
+    finally:  # what an interpreter does at exit (atexit, this process's handlers too: loggers' flushes; gc: files
+        # left open), then leave
         try:
             atexit._run_exitfuncs()
             gc.collect()
@@ -138,9 +140,9 @@ def run_forked(cmd, log):
 
 
 class Runner:
-    """Runs the phases in order, each a process of its own (forked, or spawned) logged to demo.log, timed. With reuse, a phase whose folder
-    holds the DONE file of the very same command is skipped, until the first phase that does run: every phase
-    after it runs too (its inputs changed)."""
+    """Runs the phases in order, each a process of its own (forked, or spawned) logged to demo.log, timed. With
+    reuse, a phase whose folder holds the DONE file of the very same command is skipped, until the first phase
+    that does run: every phase after it runs too (its inputs changed)."""
 
     def __init__(self, log, reuse, fork):
         self.log, self.reuse, self.fork, self.times, self.reused = log, reuse, fork, {}, []

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
 
 def demo(*args):
     r = subprocess.run([sys.executable, "demo.py", "--quick", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+                       timeout=900, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -52,7 +53,7 @@ def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
     i = cmd.index("--out_dir")
     cmd[i + 1] = str(tmp_path / "fm_spawned")
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+                       env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     forked, spawned = (load_file(str(d / "ckpt" / "weights.safetensors")) for d in (out / "stage1_fm", tmp_path / "fm_spawned"))
     assert forked.keys() == spawned.keys() and len(forked) > 0
