@@ -49,16 +49,23 @@ import gc
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
-import data as D
+import checkpoint as ck
+import images
 import model
-import released
+import reward
+import runs
 import training as T
+from runs import arg
+from tools import released
 
 BENCH = ("clip", "longclip", "dinov2", "dinov3")   # docs/algorithm.md §7, the four averaged into `overall`
 DISPLAY = {"clip": "CLIP", "longclip": "LongCLIP", "dinov2": "DINOv2", "dinov3": "DINOv3", "pixel": "pixel"}
@@ -67,9 +74,6 @@ PAPER = [  # arXiv 2509.09666, Unified-Bench table (x100)
     {"system": "GPT-4o-Image (paper)", "overall": 85.95, "n": 100},
 ]
 
-
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -104,26 +108,28 @@ class Args:
     longclip_path: str = arg("", "LongCLIP-L checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     dinov2_path: str = arg("", "DINOv2 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     dinov3_path: str = arg("", "DINOv3 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
-    max_pixels: int = arg(D.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure pieces (imported by the tests).
 
-def list_images(folder):
-    """Top-level image files of `folder` -> ({stem: path}, problems). Hidden files and
-    sub-folders are ignored; other files, non-regular files (a FIFO is never opened) and duplicate
-    stems are problems."""
+def list_images(folder, ignored=None):
+    """Top-level image files of `folder` (an image extension: images.IMAGE_EXTS) -> ({stem: path}, problems).
+    Hidden files and sub-folders are skipped; files of other extensions (captions.jsonl, notes) are not
+    sources: appended to `ignored` when given. Non-regular files with an image extension (a FIFO is never
+    opened) and duplicate stems are problems."""
     files, problems = {}, []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith(".") or os.path.isdir(path):
             continue
         stem, ext = os.path.splitext(name)
-        if not os.path.isfile(path):
+        if ext.lower() not in images.IMAGE_EXTS:
+            if ignored is not None:
+                ignored.append(path)
+        elif not os.path.isfile(path):
             problems.append({"file": path, "reason": "not a regular file (a FIFO, socket, device or broken link)"})
-        elif ext.lower() not in D.IMAGE_EXTS:
-            problems.append({"file": path, "reason": f"not an image file (extension {ext or 'none'!r})"})
         elif stem in files:
             problems.append({"file": path, "reason": f"same stem as {files[stem]} (kept that one)"})
         else:
@@ -158,22 +164,32 @@ def summarize(per_image, backbones):
     return stats, {"overall": overall, "overall_over": over, "n": len(per_image)}
 
 
-def markdown_table(stats, summary, label="ours", backbones=BENCH):
-    """The paper's rows and ours, x100."""
+def markdown_table(stats, summary, label="ours", backbones=BENCH, paper=True):
+    """Ours, x100, below the paper's rows (paper=True: only when the scores are comparable with them)."""
     cols = list(BENCH) + [b for b in backbones if b not in BENCH]
     fmt = lambda v: "—" if v is None else f"{v:.2f}"
     lines = ["| system | " + " | ".join(DISPLAY.get(c, c) for c in cols) + " | overall | n |",
              "|---" * (len(cols) + 3) + "|"]
-    for row in PAPER:
+    for row in PAPER if paper else []:
         lines.append(f"| {row['system']} | " + " | ".join(fmt(row.get(c)) for c in cols) + f" | {fmt(row['overall'])} | {row['n']} |")
     ours = [fmt(stats[c]["mean"]) if c in stats else "—" for c in cols]
     lines.append(f"| {label} | " + " | ".join(ours) + f" | {fmt(summary['overall'])} | {summary['n']} |")
     return "\n".join(lines)
 
 
+def comparability(args, names):
+    """'' when the scores can stand beside the paper's row: the four backbones, none of them the seeded random
+    tiny one; else why not."""
+    missing = [b for b in BENCH if b not in names]
+    tiny = [b for b in BENCH if b in names and getattr(args, f"{b}_path", "") == "tiny"]
+    if missing:
+        return "backbones " + ", ".join(missing) + " not scored"
+    return f"random tiny weights for {', '.join(tiny)}" if tiny else ""
+
+
 def read_rgb(path):
     """A file at native size -> (3, H, W) in [0, 1], read as training reads it (data.read_image; departure 5)."""
-    return D.read_image(path)
+    return images.read_image(path)
 
 
 @torch.no_grad()
@@ -232,7 +248,7 @@ def checkpoint_id(init):
     for a base model or released:DIR."""
     if not init or init.startswith("released:"):
         return None
-    d = os.path.realpath(model.checkpoint_dir(init))
+    d = os.path.realpath(ck.checkpoint_dir(init))
     files = [os.path.join(d, f) for f in ("uae.json", "weights.safetensors")]
     return [d] + [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
 
@@ -256,8 +272,6 @@ def check_settings(args, rank):
 
 def generate(args, items, rank, device, dtype):
     """Caption + redraw `items` [(stem, path)] unless already done -> (pairs, captions, problems, counts)."""
-    from tqdm import tqdm
-    from PIL import Image
     cap_dir, rec_dir = os.path.join(args.out_dir, "captions"), os.path.join(args.out_dir, "recon")
     pairs, captions, problems, todo = [], {}, [], []
     for stem, path in items:
@@ -267,23 +281,23 @@ def generate(args, items, rank, device, dtype):
             pairs.append((stem, path, rp))
             continue
         try:  # a cheap header check, so that a run left with only bad files never loads the model
-            D.check_image(path)
+            images.check_image(path)
             todo.append((stem, path))
-        except D.ImageError as e:
+        except images.ImageError as e:
             problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
             tqdm.write(f"warning: {e} (skipped)")
     n_reused, m = len(pairs), None
     if todo:
-        m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+        m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
         size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
     for i in tqdm(range(0, len(todo), args.batch_size), desc="caption+generate", disable=rank != 0 or not todo):
         batch, ims = [], []
         for stem, path in todo[i:i + args.batch_size]:
             try:  # truncated files pass verify() and fail here
-                ims.append(D.load_image(path, size))
+                ims.append(images.load_image(path, size))
                 batch.append((stem, path))
-            except D.ImageError as e:
+            except images.ImageError as e:
                 problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
                 tqdm.write(f"warning: {e} (skipped)")
         if not batch:
@@ -319,21 +333,19 @@ def generate(args, items, rank, device, dtype):
 
 
 def main(argv=None):
-    from tqdm import tqdm
-    import reward
-    args = T.parse_args(Args, argv)
+    args = runs.parse_args(Args, argv)
     released.apply_sampling_preset(args, args.preset_sampling)
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not args.src or not os.path.isdir(args.src):
-        raise T.UsageError(f"--src {args.src!r} is not a folder of source images")
+        raise runs.UsageError(f"--src {args.src!r} is not a folder of source images")
     if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
-        raise T.UsageError(f"--score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
-    T.at_least(args, 1, "max_pixels", "batch_size", "steps", "max_new_tokens")
-    T.need(not (set(names) - set(reward.BACKBONES)) and names,
+        raise runs.UsageError(f"--score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
+    runs.at_least(args, 1, "max_pixels", "batch_size", "steps", "max_new_tokens")
+    runs.need(not (set(names) - set(reward.BACKBONES)) and names,
            f"--backbones {args.backbones!r}: choose from {', '.join(reward.BACKBONES)}")
     if args.init and not args.score_only:
-        T.check_init(args.init)
-    D.MAX_PIXELS = args.max_pixels
+        runs.check_init(args.init)
+    images.MAX_PIXELS = args.max_pixels
     rank, world, device = T.dist_setup(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
@@ -342,15 +354,16 @@ def main(argv=None):
         os.makedirs(os.path.join(args.out_dir, d), exist_ok=True)
 
     # 1. the pairs: by stem from two folders (score_only), or by making the reconstructions.
-    src, shared = list_images(args.src)  # `shared` problems are the same on every rank: rank 0 reports them
+    ignored = []
+    src, shared = list_images(args.src, ignored)  # `shared` problems are the same on every rank: rank 0 reports them
     captions, counts, own = {}, {}, []
     if not src:
         shared.append({"file": args.src, "reason": "no image files in this folder"})
     bbs = {}  # loaded first: a missing backbone fails before hours of generation, not after
     for b in names if src else []:
-        bbs[b] = reward.load_backbone(b, getattr(args, f"{b}_path", "") or None, device=str(device)).eval()
+        bbs[b] = reward.load_backbone(b, runs.reward_path(b, getattr(args, f"{b}_path", "")), device=str(device)).eval()
     if args.score_only:
-        rec, p2 = list_images(args.recon)
+        rec, p2 = list_images(args.recon, ignored)
         pairs, p3 = pair_by_stem(src, rec)
         shared += p2 + p3
         mine = pairs[rank::world]
@@ -374,7 +387,6 @@ def main(argv=None):
     # 3. gather on rank 0 and report.
     shard = {"rows": rows, "problems": problems, "captions": captions, "counts": counts}
     if world > 1:
-        import torch.distributed as dist
         shards = [None] * world if rank == 0 else None
         dist.gather_object(shard, shards, dst=0)
     else:
@@ -385,7 +397,7 @@ def main(argv=None):
         problems = [p for s in shards for p in s["problems"]]
         captions = {k: v for s in shards for k, v in s["captions"].items()}
         stats, summary = summarize(rows, names)
-        summary.update(n_sources=len(src), n_problems=len(problems),
+        summary.update(n_sources=len(src), n_problems=len(problems), n_ignored=len(ignored),
                        generated=sum(s["counts"].get("generated", 0) for s in shards),
                        reused=sum(s["counts"].get("reused", 0) for s in shards))
         if captions:
@@ -398,22 +410,25 @@ def main(argv=None):
                             f"recon: {args.recon}" if args.score_only else f"preset {args.preset}")
         for p in problems:
             print(f"problem: {p['file']}: {p['reason']}")
+        why_not = comparability(args, names)
         res = {"protocol": "Unified-Bench (docs/algorithm.md §7): cos(f(source), f(reconstruction)) x 100",
-               "summary": summary, "backbones": stats, "problems": problems, "per_image": rows,
+               "summary": summary, "backbones": stats, "problems": problems, "ignored": ignored, "per_image": rows,
+               "comparable_with_paper": not why_not,
                "paper": PAPER, "args": asdict(args), "world": world}
         with open(os.path.join(args.out_dir, "unified_bench.json"), "w") as f:
             json.dump(res, f, indent=1)
-        print(markdown_table(stats, summary, label, names))
+        print(markdown_table(stats, summary, label, names, paper=not why_not))
+        if why_not:
+            print(f"note: not comparable with the paper's Unified-Bench ({PAPER[0]['overall']}): {why_not}")
         print(f"{summary['n']} pairs scored, {len(problems)} problems; wrote {os.path.join(args.out_dir, 'unified_bench.json')}")
         if summary["n"] == 0:
-            print(f"error: no (source, reconstruction) pair could be scored; see the problems above", file=sys.stderr)
+            print("error: no (source, reconstruction) pair could be scored; see the problems above", file=sys.stderr)
             status = 2
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return status
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

@@ -10,16 +10,18 @@ Flow convention (docs/algorithm.md §2), used everywhere in this repo:
     the DiT predicts v = eps - x0,  x0_hat = x_s - s v,  DiT timestep = 1000 s.
 """
 import contextlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from data import UAE_HOME, CheckpointError, atomic_publish  # noqa: F401 (re-exported)
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import (CLIPTextModelWithProjection, CLIPTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor)
+from transformers.utils import logging as hf_logging
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,7 +31,6 @@ INSTRUCTION = ("You are an expert vision-language model. Your task is: Given an 
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
 REAL_ENCODER = "Qwen/Qwen2.5-VL-3B-Instruct"
 REAL_DECODER = "stabilityai/stable-diffusion-3.5-large"
-CKPT_FORMAT = "uae-ckpt-v1"
 
 # Qwen2.5-VL's chat template and special tokens (the tiny tokenizer carries the same ones).
 CHAT_TEMPLATE = (
@@ -49,31 +50,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 ENCODER_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The tiny preset: random-weight folders built once by tiny.py, loaded through the same from_pretrained path
-# as the real models.
-
-def tiny_paths(seed=0):
-    """The tiny preset's (encoder, decoder) directories, built once per seed under $UAE_HOME."""
-    d = os.path.join(UAE_HOME, f"tiny-v3-seed{seed}")
-    if not os.path.exists(os.path.join(d, "decoder", "scheduler")):
-        os.makedirs(UAE_HOME, exist_ok=True)
-        import tiny
-        tiny.build_tiny(d, seed=seed)
-    return os.path.join(d, "encoder"), os.path.join(d, "decoder")
-
-
-def resolve_base(preset, encoder=None, decoder=None):
-    """Base model locations for a preset ('tiny' | 'real'); explicit paths/hub ids win."""
-    if preset == "tiny":
-        e, d = tiny_paths()
-    elif preset == "real":
-        e, d = REAL_ENCODER, REAL_DECODER
-    else:
-        raise ValueError(f"--preset must be 'tiny' or 'real', got {preset!r}")
-    return encoder or e, decoder or d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +88,6 @@ class MaskedJointAttnProcessor:
 # LoRA through peft, injected in place (the modules keep their classes, generate() still works).
 
 def add_lora(module, r, alpha, targets):
-    from peft import LoraConfig, inject_adapter_in_model
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", lora_dropout=0.0)
     inject_adapter_in_model(cfg, module, adapter_name="default")
     for n, p in module.named_parameters():
@@ -125,14 +100,12 @@ def lora_state(module):
 
 
 def has_lora(module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 @contextlib.contextmanager
 def adapters_disabled(module):
     """The reference policy: the same module with its LoRA switched off (docs/algorithm.md §4, §5)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
     for m in layers:
         m.enable_adapters(False)
@@ -145,7 +118,6 @@ def adapters_disabled(module):
 
 def merge_lora(module):
     """Fold the adapter into the base weights and remove it, so a next stage can add a fresh one."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     for name, m in list(module.named_modules()):
         if isinstance(m, BaseTunerLayer):
             m.merge()
@@ -246,7 +218,6 @@ class UAE(nn.Module):
         self.layers = []   # adapters of earlier stages merged into the weights: [(meta, tensors)], kept for saving
         # Rollouts must not depend on the checkpoint's generation_config.json (Qwen2.5-VL-Instruct: top_k 1,
         # repetition_penalty 1.05, ...): generate() fills every field left unset from it. Replace it by an empty one.
-        from transformers import GenerationConfig
         encoder.generation_config = GenerationConfig(bos_token_id=encoder.config.text_config.bos_token_id,
                                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.compute_dtype = torch.float32
@@ -289,7 +260,6 @@ class UAE(nn.Module):
     def sample_captions(self, images, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
                         instruction=INSTRUCTION, output_scores=False, instruction_first=False):
         """B images -> B*G captions in ONE generate call (rows i*G..i*G+G-1 belong to image i)."""
-        from transformers import GenerationConfig
         b = self.caption_inputs(images, instruction, instruction_first)
         per_img = b["image_grid_thw"].prod(-1).tolist()
         pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
@@ -298,7 +268,7 @@ class UAE(nn.Module):
         # top_k=0 must stay 0, not None: None falls back to the model default (50) and log-probs would not match
         # every logits processor neutral, so that the sampled distribution is the one completion_logprobs scores
         gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, min_length=0, min_new_tokens=0,
+                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, min_length=0,
                               repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=0.0,
                               epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
                               num_beams=1, renormalize_logits=False, remove_invalid_values=False,
@@ -438,28 +408,15 @@ class UAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading and checkpoints. A checkpoint is a directory: weights.safetensors + uae.json. It holds
-# only what was trained: projector, pooled buffer, and the LoRA adapters of every stage so far
-# (earlier stages' are merged at load time, the last one stays live with --resume).
+# Loading: the same from_pretrained path for the real checkpoints and the tiny preset's folders.
 
-def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.float32, device="cpu", resume=False,
-             train_full=()):
-    """Base models (+ an optional checkpoint `init`). With resume=True the checkpoint's last adapters stay live
-    (not merged) so training continues exactly. Frozen weights load in `dtype`; the projector, the live adapters
-    and the parts named in train_full (e.g. ("transformer",) for a full DiT fine-tune) in fp32 (§8 of
-    docs/algorithm.md), so that what a checkpoint holds in fp32 comes back bit for bit."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.utils import logging as hf_logging
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def load_uae(encoder, decoder, dtype=torch.float32, device="cpu", train_full=(), pooled=True):
+    """The base models: encoder = a Qwen2.5-VL folder or hub id, decoder = an SD3 diffusers folder or hub id
+    (transformer/, vae/, scheduler/, and text_encoder*/ for the pooled embedding of ""). Frozen weights load in
+    `dtype`; the parts named in train_full (e.g. ("transformer",) for a full DiT fine-tune) in fp32
+    (docs/algorithm.md §8). pooled=False skips computing the pooled embedding (a checkpoint brings its own).
+    Safetensors only; no remote code. A checkpoint of this project is applied by runs.load_model."""
     hf_logging.disable_progress_bar()
-    if init and str(init).startswith("released:"):  # the authors' release, converted once (released.py);
-        import released                              # `decoder` then names the SD3.5 base it needs
-        init, decoder = released.converted(init[len("released:"):], sd3=decoder), None
-    meta, tensors = read_checkpoint(init) if init else (None, None)
-    if meta:
-        encoder, decoder = encoder or meta["base"]["encoder"], decoder or meta["base"]["decoder"]
-    else:
-        encoder, decoder = resolve_base(preset, encoder, decoder)
     kw = dict(dtype=dtype, use_safetensors=True)
     enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(encoder, **kw)
     proc = Qwen2_5_VLProcessor.from_pretrained(encoder)
@@ -467,14 +424,12 @@ def load_uae(init=None, preset="tiny", encoder=None, decoder=None, dtype=torch.f
     dit = SD3Transformer2DModel.from_pretrained(decoder, subfolder="transformer", **dkw)
     vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(decoder, subfolder="scheduler")
-    pooled = None if meta else sd3_empty_pooled(decoder)  # a checkpoint carries its own
-    if pooled is None and not meta:
+    emb = sd3_empty_pooled(decoder) if pooled else None
+    if pooled and emb is None:
         print(f"note: {decoder} has no SD3 text encoders (text_encoder, text_encoder_2): the pooled projection is zeros")
-    m = UAE(enc, proc, dit, vae, sched, pooled=pooled, base={"encoder": encoder, "decoder": decoder}).to(device)
+    m = UAE(enc, proc, dit, vae, sched, pooled=emb, base={"encoder": encoder, "decoder": decoder}).to(device)
     m.compute_dtype = dtype
     m.eval()
-    if meta:
-        apply_checkpoint(m, meta, tensors, live_last=resume)
     return m
 
 
@@ -483,7 +438,6 @@ def sd3_empty_pooled(decoder):
     """docs/algorithm.md §2: SD3's pooled text embedding of "" from the decoder folder's two CLIP text encoders,
     as StableDiffusion3Pipeline.encode_prompt makes it (77-token padded ids, text_embeds, CLIP-L then CLIP-G,
     concatenated). -> (P,) fp32, or None when the folder has no text encoders."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
     parts = []
     for te, tk in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         try:
@@ -495,106 +449,3 @@ def sd3_empty_pooled(decoder):
         parts.append(clip(ids, output_hidden_states=True)[0][0].float())
         del clip
     return torch.cat(parts)
-
-
-def arch_of(m):
-    return {"hidden": m.encoder.config.text_config.hidden_size, "vocab": m.suppress.numel(),
-            "joint_attention_dim": m.transformer.config.joint_attention_dim,
-            "pooled_dim": m.pooled.numel(), "dit_layers": m.transformer.config.num_layers}
-
-
-def checkpoint_dir(path):
-    """A run folder -> its published checkpoint, <run>/ckpt; a checkpoint folder -> itself."""
-    return os.path.join(path, "ckpt") if os.path.isdir(os.path.join(path, "ckpt")) else path
-
-
-def read_checkpoint(path):
-    """-> (meta, tensors). Clear errors for a missing, truncated or foreign checkpoint."""
-    from safetensors.torch import load_file
-    path = checkpoint_dir(path)
-    mp, wp = os.path.join(path, "uae.json"), os.path.join(path, "weights.safetensors")
-    if not os.path.isfile(mp):
-        raise CheckpointError(f"{path} is not a UAE checkpoint: no uae.json (expected a directory written by a stage script)")
-    try:
-        meta = json.load(open(mp))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mp} is corrupt: {e}") from None
-    if meta.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{mp}: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
-    if not os.path.isfile(wp):
-        raise CheckpointError(f"{path}: weights.safetensors is missing")
-    try:
-        tensors = load_file(wp)
-    except Exception as e:
-        raise CheckpointError(f"{wp} cannot be read (truncated or not safetensors): {e}") from None
-    meta["path"] = os.path.abspath(path)
-    return meta, tensors
-
-
-def apply_checkpoint(m, meta, tensors, live_last=False):
-    arch = arch_of(m)
-    if meta["arch"] != arch:
-        diff = {k: (meta["arch"].get(k), arch[k]) for k in arch if meta["arch"].get(k) != arch[k]}
-        raise CheckpointError(f"{meta['path']} was trained for another architecture (checkpoint, model): {diff}")
-    m.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
-    m.pooled.copy_(tensors["pooled"])
-    if meta.get("transformer_full"):
-        m.transformer_full = True  # a full-DiT lineage: every later save keeps the full weights
-        m.transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")}, strict=False)
-    for i, layer in enumerate(meta["layers"]):
-        pre = f"layer{i}."
-        lt = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-        for part in ("encoder", "transformer"):
-            if layer.get(part):
-                mod = getattr(m, part)
-                add_lora(mod, **layer[part])
-                for n, p in mod.named_parameters():  # fp32 adapters: the saved fp32 tensors come back exactly
-                    if "lora_" in n:
-                        p.data = p.data.float()
-                sd = {k[len(part) + 1:]: v for k, v in lt.items() if k.startswith(part + ".")}
-                missing = set(lora_state(mod)) - set(sd)
-                if missing:
-                    raise CheckpointError(f"{meta['path']}: layer {i} lacks {len(missing)} {part} LoRA tensors, e.g. {sorted(missing)[0]}")
-                mod.load_state_dict(sd, strict=False)
-        if live_last and meta.get("live_layer") and i == len(meta["layers"]) - 1:
-            return
-        m.layers.append((layer, lt))
-        for part in ("encoder", "transformer"):
-            if layer.get(part):
-                merge_lora(getattr(m, part))
-
-
-def save_checkpoint(path, m, meta_extra, lora_cfg=None, transformer_full=False, tensors_extra=None, state=None):
-    """Atomically write a checkpoint directory: earlier layers + this stage's live adapters. state: {part:
-    state_dict} read in place of the module's own (FSDP: the full tensors training.fsdp_full_state gathered)."""
-    from safetensors.torch import save_file
-    sd = lambda part: (state or {}).get(part) if part in (state or {}) else getattr(m, part).state_dict()
-    t = {f"projector.{k}": v for k, v in sd("projector").items()}
-    t["pooled"] = m.pooled
-    transformer_full = transformer_full or getattr(m, "transformer_full", False)
-    layers = []
-    for i, (layer, lt) in enumerate(m.layers):
-        if transformer_full:  # merged earlier DiT adapters are inside the full weights saved below
-            layer = {**layer, "transformer": None}
-            lt = {k: v for k, v in lt.items() if not k.startswith("transformer.")}
-        layers.append(layer)
-        t.update({f"layer{i}.{k}": v for k, v in lt.items()})
-    cur = {p: (lora_cfg or {}).get(p) for p in ("encoder", "transformer")}
-    if any(cur.values()):
-        i = len(layers)
-        layers.append(cur)
-        for p in ("encoder", "transformer"):
-            if cur[p]:
-                lt_p = lora_state(getattr(m, p)) if p not in (state or {}) else {k: v for k, v in sd(p).items() if "lora_" in k}
-                t.update({f"layer{i}.{p}.{k}": v for k, v in lt_p.items()})
-    if transformer_full:
-        t.update({f"transformer.{k.replace('.base_layer', '')}": v  # base names; a live LoRA goes in its layer
-                  for k, v in sd("transformer").items() if "lora_" not in k})
-    t.update(tensors_extra or {})
-    meta = {"format": CKPT_FORMAT, "base": m.base, "arch": arch_of(m), "layers": layers,
-            "transformer_full": transformer_full, "live_layer": any(cur.values()), **meta_extra}
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".ckpt-")
-    save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, os.path.join(tmp, "weights.safetensors"))
-    with open(os.path.join(tmp, "uae.json"), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
-    atomic_publish(tmp, path)

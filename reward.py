@@ -1,8 +1,16 @@
 """
-Image-similarity backbones f_I behind one interface, shared by the RL reward, the cold-start loss
-(with gradients) and Unified-Bench (docs/algorithm.md §2, §7):
+Rewards and the image-similarity backbones f_I behind them, shared by the RL stages, the cold-start
+loss (with gradients) and Unified-Bench (docs/algorithm.md §2, §7). Imports nothing from this repository.
 
-    bb = load_backbone("clip", path)          # or path="tiny": seeded random weights, built offline
+THE REWARD CONTRACT (stages 2 and 3 call nothing else):
+    scores = reward(src, rec, captions)   src, rec: (N, 3, H, W) float in [0, 1] (sources, reconstructions;
+                                          row i of rec was redrawn from captions[i] to match src[i]);
+                                          captions: list of N str -> scores (N,) float, higher = better
+It is called under torch.no_grad, once per step with the rank's whole batch. Built-in: a backbone's
+cosine R(x, x~) = cos(f_I(x), f_I(x~)) (load_reward("clip", path)); your own: any importable function
+with that signature, `--reward mymodule:my_reward` (docs/operations.md, "Add your own reward").
+
+    bb = load_backbone("clip", path)          # a folder / file of weights (tools/tiny.py builds tiny ones)
     f = bb(x)                                 # (B, 3, H, W) in [0, 1], any H, W -> (B, D), unit norm
     r = bb.similarity(x, x_rec)               # (B,) R(x, x~) = cos(f_I(x), f_I(x~))
 
@@ -22,15 +30,25 @@ from its config) and scales the resize with it (DINOv2: short side = size * 256 
 
 Nothing here loads pickles (.pt/.pth/.bin): weights are safetensors only.
 """
-import json
+import importlib
 import os
-import tempfile
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+import open_clip
+from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+from safetensors.torch import load_file
+from transformers import DINOv3ViTModel, Dinov2Model
+from transformers.utils.logging import disable_progress_bar
 
-from data import UAE_HOME, CheckpointError, atomic_publish
+
+
+class RewardError(RuntimeError):
+    """A reward that cannot be used: weights missing, pickled or foreign; a module:function that does not
+    import or breaks the contract. Scripts print it as one line."""
 
 BENCH_BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
 BACKBONES = BENCH_BACKBONES + ("pixel",)
@@ -55,17 +73,17 @@ REAL = {  # name -> (default weights, how to get them for offline use, what to p
 def _missing(name, path, err=None):
     why = f" ({type(err).__name__}: {err})" if err is not None else ""
     get, what = REAL[name][1:]
-    return CheckpointError(f"{name} backbone: cannot load weights from {path!r}{why}.\nTo get them: {get}\n"
-                           f"then pass path={what} (flag --{name}_path {what}).")
+    return RewardError(f"{name} backbone: cannot load weights from {path!r}{why}.\nTo get them: {get}\n"
+                           f"then pass it: --reward_path {what} in a stage script, --{name}_path {what} in eval_unified.py.")
 
 
 def _refuse_pickle(name, path):
     if str(path).lower().endswith(PICKLE_EXTS):
-        raise CheckpointError(f"{name} backbone: {path!r} is a pickle checkpoint; nothing here loads pickles "
+        raise RewardError(f"{name} backbone: {path!r} is a pickle checkpoint; nothing here loads pickles "
                               f"(safetensors only). Get safetensors weights: {REAL[name][1]}")
     if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
         pickles = [f for f in os.listdir(path) if f.lower().endswith(PICKLE_EXTS)]
-        raise CheckpointError(f"{name} backbone: no .safetensors weights in {path!r}"
+        raise RewardError(f"{name} backbone: no .safetensors weights in {path!r}"
                               + (f" (pickles {pickles} are refused)" if pickles else "") + f". To get them: {REAL[name][1]}")
 
 
@@ -132,11 +150,9 @@ class PixelBackbone(Backbone):
 
 
 def _load_clip(path, device, dtype):
-    import open_clip
     real, repo = path is None, path or CLIP_REPO
     path = repo[len("local-dir:"):] if repo.startswith("local-dir:") else repo
     if not os.path.exists(path):  # a hub id (default: OpenAI's ViT-L/14), from the HF cache or the hub
-        from huggingface_hub import snapshot_download
         try:
             path = snapshot_download(path.removeprefix("hf-hub:"),
                                      allow_patterns=["open_clip_config.json", "open_clip_model.safetensors"])
@@ -154,8 +170,6 @@ def _load_clip(path, device, dtype):
 
 
 def _load_longclip(path, device, dtype):
-    from safetensors.torch import load_file
-    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
     if path is None:
         raise _missing("longclip", path, ValueError("LongCLIP has no default download"))
     _refuse_pickle("longclip", path)
@@ -163,7 +177,7 @@ def _load_longclip(path, device, dtype):
         raise _missing("longclip", path, FileNotFoundError("expected a .safetensors file"))
     sd = {k[len("visual."):]: v for k, v in load_file(path).items() if k.startswith("visual.")}
     if not sd:
-        raise CheckpointError(f"longclip backbone: no visual.* tensors in {path!r} (expected the OpenAI-format state dict)")
+        raise RewardError(f"longclip backbone: no visual.* tensors in {path!r} (expected the OpenAI-format state dict)")
     # The architecture from tensor shapes, as open_clip's build_model_from_openai_state_dict does.
     width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
@@ -178,8 +192,6 @@ def _load_longclip(path, device, dtype):
 
 
 def _load_dino(name, path, device, dtype):
-    from transformers import DINOv3ViTModel, Dinov2Model
-    from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # transformers 5 prints weight-loading bars
     path = path or REAL[name][0]
     _refuse_pickle(name, path)
@@ -196,15 +208,12 @@ def _load_dino(name, path, device, dtype):
 
 
 def load_backbone(name, path=None, device="cpu", dtype=torch.float32):
-    """name in BACKBONES; path: None = the real default weights (docs/algorithm.md §7), "tiny" = the seeded tiny
-    version under $UAE_HOME, else a local directory or hub id (clip: an open_clip dir, 'local-dir:' accepted;
+    """name in BACKBONES; path: None = the real default weights (docs/algorithm.md §7), else a local directory or hub id (clip: an open_clip dir, 'local-dir:' accepted;
     dinov2/dinov3: a save_pretrained dir) or, for longclip, a .safetensors file. Weights: safetensors only."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
     if name == "pixel":
         return PixelBackbone().to(device)
-    if path == "tiny":
-        path = tiny_backbone_paths()[name]
     path = os.path.expanduser(str(path)) if path is not None else None
     if path and (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
         raise _missing(name, path, FileNotFoundError("no such file or directory"))
@@ -216,55 +225,59 @@ def load_backbone(name, path=None, device="cpu", dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny random-weight versions (<= ~120K parameters each, 32 px input, patch 8), built offline:
-#   $UAE_HOME/tiny-backbones-v1-seed0/clip/{open_clip_config.json, open_clip_model.safetensors}
-#                                    /longclip-visual.safetensors   (OpenAI-format visual.* tensors)
-#                                    /dinov2/{config.json, model.safetensors}
-#                                    /dinov3/{config.json, model.safetensors}
+# Rewards: the contract above, for a backbone or for your own function.
 
-TINY_FILES = {"clip": "clip", "longclip": "longclip-visual.safetensors", "dinov2": "dinov2", "dinov3": "dinov3"}
+class Reward:
+    """reward(src, rec, captions=None) -> (N,) fp32 scores, checked against the contract. .backbone is the
+    backbone of a built-in reward (None for your own)."""
 
+    def __init__(self, name, fn, backbone=None):
+        self.name, self.fn, self.backbone = name, fn, backbone
 
-def build_tiny_backbones(root, seed=0):
-    """Write tiny seeded random-weight versions of the four bench backbones under `root` (published
-    atomically) in the formats the real ones load from; returns name -> path."""
-    import open_clip
-    from safetensors.torch import save_file
-    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
-    from transformers.utils.logging import disable_progress_bar
-    disable_progress_bar()
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tiny-backbones-")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # clip: an open_clip local-dir (open_clip_config.json + open_clip_model.safetensors)
-        model_cfg = dict(embed_dim=32, quick_gelu=True,
-                         vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
-                         text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1))
-        clip = open_clip.CLIP(**model_cfg)
-        os.makedirs(f"{tmp}/clip")
-        with open(f"{tmp}/clip/open_clip_config.json", "w") as f:
-            json.dump({"model_cfg": model_cfg, "preprocess_cfg": dict(mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic",
-                                                                      resize_mode="shortest")}, f, indent=1)
-        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, f"{tmp}/clip/open_clip_model.safetensors")
-        # longclip: the OpenAI-format vision tower (visual.*), width 64 -> 1 head of 64 as OpenAI's
-        vit = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=1, mlp_ratio=4.0,
-                                output_dim=32, act_layer=QuickGELU, norm_layer=LayerNorm)
-        save_file({"visual." + k: v.contiguous() for k, v in vit.state_dict().items()}, f"{tmp}/{TINY_FILES['longclip']}")
-        # dinov2 / dinov3: transformers save_pretrained (config.json + model.safetensors)
-        Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                 image_size=32, patch_size=8)).save_pretrained(f"{tmp}/dinov2")
-        DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8, num_register_tokens=1)).save_pretrained(f"{tmp}/dinov3")
-    atomic_publish(tmp, root)
-    return {k: os.path.join(root, v) for k, v in TINY_FILES.items()}
+    def __call__(self, src, rec, captions=None):
+        r = self.fn(src, rec, captions)
+        n = src.shape[0]
+        if not torch.is_tensor(r) or tuple(r.shape) != (n,) or not r.is_floating_point():
+            got = f"{type(r).__name__} {tuple(r.shape)} {r.dtype}" if torch.is_tensor(r) else type(r).__name__
+            raise RewardError(f"--reward {self.name}: returned {got}; the contract is a float tensor of shape ({n},), "
+                              "one score per (source, reconstruction) pair")
+        return r.float()
+
+    def to(self, device):
+        if self.backbone is not None:
+            self.backbone.to(device)
+        return self
 
 
-def tiny_backbone_paths(seed=0):
-    """name -> path of the tiny backbones, built once per seed under $UAE_HOME/tiny-backbones-v1-seed{seed}."""
-    root = os.path.join(UAE_HOME, f"tiny-backbones-v1-seed{seed}")
-    if not os.path.exists(root):
-        build_tiny_backbones(root, seed)
-    return {k: os.path.join(root, v) for k, v in TINY_FILES.items()}
+def find_function(spec):
+    """'module:function' (module importable from the working directory or sys.path, or a path/to/file.py)
+    -> the function. RewardError naming what is missing."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise RewardError(f"--reward {spec!r}: expected a backbone ({' | '.join(BACKBONES)}) or module:function")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.isfile(mod_name):
+                raise FileNotFoundError(mod_name)
+            loc = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+            mod = importlib.util.module_from_spec(loc)
+            loc.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())
+            mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise RewardError(f"--reward {spec}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise RewardError(f"--reward {spec}: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+def load_reward(spec, path=None, device="cpu", dtype=torch.float32):
+    """spec: a backbone name (BACKBONES; path as in load_backbone) or 'module:function' (your own reward, the
+    contract above; path is not used). -> Reward."""
+    if spec in BACKBONES:
+        bb = load_backbone(spec, path, device=device, dtype=dtype)
+        return Reward(spec, lambda src, rec, captions: bb.similarity(src.float(), rec.float()), bb)
+    return Reward(spec, find_function(spec))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that also does the set-up: ./run.sh demo | test | setup
-#   demo  - demo.py: the shapes world end to end (CPU, 5-10 minutes on 2 cores); extra args go to demo.py
+#   demo  - tools/demo.py: the shapes world end to end on CPU; extra args go to it
 #   test  - the test suite (what CI runs)
 #   setup - only create .venv and install requirements.txt
 set -euo pipefail
@@ -22,7 +22,7 @@ setup() {
 
 demo() {
   # the shapes world: stand-ins trained here, then stage 1 -> 2 -> 3 and Unified-Bench on held-out images
-  $PY demo.py "$@"
+  $PY tools/demo.py "$@"
 }
 
 cmd=${1:-demo}

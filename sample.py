@@ -11,20 +11,19 @@ Sampling defaults are the released demo's: temperature 0.7, 512 new tokens, 40 s
 """
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
-import data as D
+import images
 import model
-import released
-import training as T
+import runs
+from runs import arg
+from tools import released
 
 COMMANDS = ("caption", "generate", "reconstruct")
 
-
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -49,7 +48,7 @@ class Args:
     steps: int = arg(40, "decoder sampling steps")
     cfg: float = arg(5.0, "classifier-free guidance scale")
     seed: int = arg(0, "seed for the caption sampling and the initial noise")
-    max_pixels: int = arg(D.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
 def out_path(out, ext, stem):
@@ -60,35 +59,34 @@ def out_path(out, ext, stem):
 
 
 def save_png(path, im):
-    from PIL import Image
     Image.fromarray((im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
 
 
 def main(argv=None):
-    p = T.arg_parser(Args)
+    p = runs.arg_parser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
     args, ns = p.parse_args_into_dataclasses(argv)
     released.apply_sampling_preset(args, args.preset_sampling)
     if ns.command in ("caption", "reconstruct") and not args.image:
-        raise T.UsageError(f"{ns.command} needs --image")
+        raise runs.UsageError(f"{ns.command} needs --image")
     if ns.command == "generate" and not args.prompt:
-        raise T.UsageError("generate needs --prompt")
-    T.at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
-    D.MAX_PIXELS = args.max_pixels
+        raise runs.UsageError("generate needs --prompt")
+    runs.at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
+    images.MAX_PIXELS = args.max_pixels
     if ns.command in ("caption", "reconstruct"):
-        D.check_image(args.image)  # a FIFO, a non-image or an oversized file: refused before any model loads
+        images.check_image(args.image)  # a FIFO, a non-image or an oversized file: refused before any model loads
     if args.init:
-        T.check_init(args.init)
+        runs.check_init(args.init)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     torch.manual_seed(args.seed)  # caption sampling
-    m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+    m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
     size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
 
     if ns.command in ("caption", "reconstruct"):
-        x = D.load_image(args.image, size)[None].to(device)  # (1, 3, S, S); an ImageError is one line (T.cli)
+        x = images.load_image(args.image, size)[None].to(device)  # (1, 3, S, S); an ImageError is one line (runs.cli)
         stem = os.path.splitext(os.path.basename(args.image))[0]
         text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                  instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first).texts[0]
@@ -109,9 +107,9 @@ def main(argv=None):
         base = os.path.join(args.out, stem)
         open(base + "_caption.txt", "w").write(text + "\n")
         save_png(base + "_recon.png", im[0])
-        D.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
+        images.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
         print(f"wrote {base}_caption.txt, {base}_recon.png, {base}_pair.png (source | reconstruction)")
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

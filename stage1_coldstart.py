@@ -17,110 +17,105 @@ Launch:
       --steps 60 --batch_size 8 --lr 1e-3 --out_dir out/stage1_fm                  # tiny pre-training, CPU
   python stage1_coldstart.py --init out/stage1_fm --data data/shapes/train/captions.jsonl --objective sem \
       --reward pixel --steps 10 --batch_size 4 --max_new_tokens 24 --out_dir out/stage1   # tiny cold start
-  torchrun --nproc_per_node=2 stage1_coldstart.py --data data/shapes/train/captions.jsonl --steps 60  # 2 ranks (gloo)
-  # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training (the full DiT: --fsdp, see bench.py --plan),
-  # then the cold start from it
+  # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training (the full DiT needs --fsdp:
+  # docs/operations.md, "Memory plan"), then the cold start from it
   torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
       --objective fm --dit_full --fsdp --resolution 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
       --dtype bf16 --grad_ckpt --out_dir out/stage1_fm
   torchrun --nproc_per_node=8 stage1_coldstart.py --init out/stage1_fm --data images/ --objective sem \
-      --reward clip --reward_path /ckpt/clip-vit-large-patch14 --resolution 512 --batch_size 2 \
+      --reward clip --reward_path weights/clip-vit-l-14 --resolution 512 --batch_size 2 \
       --lr 2e-5 --steps 2000 --dtype bf16 --grad_ckpt --out_dir out/stage1
 
-Where this departs from the paper (which gives no stage-1 hyper-parameters) and its released code:
-1. The cold start's gradient uses a one-step estimate x0_hat = z_s - s v (one DiT call at a
-   logit-normal s) instead of a reconstruction by the full sampler (released: 10 steps, 512 px,
-   CFG 5). --sem_steps_k K > 0 runs a --sem_sample_steps Euler sampler from pure noise and
-   backpropagates through its last K steps (no CFG on that path).
-2. The DiT is trained with LoRA (Flow-GRPO's targets, r 32, alpha 64) by default; --dit_full
-   trains every DiT weight (what a 700K-pair pre-training more likely did; the paper does not say).
-3. The condition is always the text-only re-encoding of the caption (what inference and the
-   benchmark see). The released cold-start code's condition — hidden states of the caption tokens
-   from the captioning pass, which attends to the image — is --cond_source captioning_pass.
-4. VAE: posterior mean, frozen; x~ is clamped to [0, 1] (no gradient through saturated pixels).
+Where this departs from the paper (which gives no stage-1 hyper-parameters) and its released code
+(why: docs/algorithm.md §3):
+1. The cold start's gradient is a one-step estimate x0_hat = z_s - s v, not the released full sampler
+   (10 steps, CFG 5); --sem_steps_k K backpropagates through the last K steps of a sampler instead.
+2. The DiT trains with LoRA (Flow-GRPO's targets, r 32, alpha 64) by default; --dit_full trains all of it.
+3. The condition is always the text-only re-encoding of the caption; the released code's captioning-pass
+   hidden states (they attend to the image) are --cond_source captioning_pass.
+4. VAE: posterior mean, frozen; x~ is clamped to [0, 1].
 5. Timesteps s ~ logit-normal(0, 1) (SD3's recipe) for both objectives; uniform weighting.
-6. The encoder LoRA trains by default only when the objective includes `sem`
-   (--train_encoder_lora true|false overrides); in `fm` the encoder is frozen and g + D adapt to it.
-7. Captions for `sem` are sampled once per image (G = 1, temperature 0.7 as in the demo) from the
-   current encoder, adapter live; the sampling itself gets no gradient (that is stage 2's job).
+6. The encoder LoRA trains only when the objective includes `sem` (--train_encoder_lora overrides).
+7. `sem` captions: one per image (temperature 0.7, as the demo) from the current encoder, no gradient.
 8. No EMA of the weights; AdamW with linear warmup + cosine to 10 %.
-9. Data parallel by one flat all-reduce of the trainable gradients (training.optimizer_step), not a
-   DDP wrapper (--fsdp shards the DiT and the projector with FSDP2 instead: docs/algorithm.md §6). Each
-   sample's (s, eps) comes from a generator seeded by (seed, micro-step, global sample index), so the flow-matching draw does not depend on the rank count; caption sampling is
-   seeded per (micro-step, rank), so `sem` with temperature > 0 does (greedy captions do not).
+9. One flat all-reduce of the trainable gradients, not DDP (--fsdp: FSDP2, docs/algorithm.md §6); the
+   flow-matching draws are seeded per sample, so they do not depend on the rank count; `sem` captions at
+   temperature > 0 are seeded per (micro-step, rank), so they do.
 """
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import images
 import model as M
-import data as D
+import reward
+import runs
 import training as T
+from runs import arg
 
 
 @dataclass
 class Args:
-    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
-    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
-    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from ('' = base models, random projector; released:DIR = the authors' release)"})
-    data: str = field(default="", metadata={"help": "folder of images (sem) or .jsonl of {image, caption} (fm needs captions)"})
-    out_dir: str = field(default="out/stage1", metadata={"help": "checkpoints (out_dir/ckpt), log.jsonl, samples/"})
-    resolution: int = field(default=0, metadata={"help": "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)"})
+    preset: str = arg("tiny", "base models when --init is empty: tiny | real")
+    encoder: str = arg("", "override the LVLM (local dir or hub id)")
+    decoder: str = arg("", "override the SD3 decoder (local dir or hub id)")
+    init: str = arg("", "checkpoint to start from ('' = base models, random projector; released:DIR = the authors' release)")
+    data: str = arg("", "folder of images (sem) or .jsonl of {image, caption} (fm needs captions)")
+    out_dir: str = arg("out/stage1", "checkpoints (out_dir/ckpt), log.jsonl, samples/")
+    resolution: int = arg(0, "image side (0 = 64 for tiny, 512 for real; SD3.5 pre-training: 1024)")
     # objective (docs/algorithm.md §3)
-    objective: str = field(default="fm", metadata={"help": "fm | sem | fm+sem", "choices": ["fm", "sem", "fm+sem"]})
-    w_fm: float = field(default=1.0, metadata={"help": "weight of the flow-matching loss"})
-    w_sem: float = field(default=1.0, metadata={"help": "weight of the semantic loss 1 - cos(f(x), f(x~))"})
-    s_mean: float = field(default=0.0, metadata={"help": "logit-normal timestep density: mean of logit(s)"})
-    s_std: float = field(default=1.0, metadata={"help": "logit-normal timestep density: std of logit(s)"})
-    reward: str = field(default="clip", metadata={"help": "semantic backbone f (reward.py): clip | pixel | ..."})
-    reward_path: str = field(default="", metadata={"help": "backbone weights ('' = its real default; 'tiny' = random tiny CLIP)"})
-    temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature for sem (0 = greedy)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap for sem and samples"})
-    sem_steps_k: int = field(default=0, metadata={"help": "0 = one-step estimate; K > 0 = backprop the last K sampler steps"})
-    sem_sample_steps: int = field(default=10, metadata={"help": "sampler steps when sem_steps_k > 0 (released cold start: 10)"})
-    cond_source: str = field(default="text", metadata={"help": "sem condition: text (re-encoding, as at inference) | captioning_pass (released code)",
-                                                         "choices": ["text", "captioning_pass"]})
+    objective: str = arg("fm", "fm | sem | fm+sem", choices=["fm", "sem", "fm+sem"])
+    w_fm: float = arg(1.0, "weight of the flow-matching loss")
+    w_sem: float = arg(1.0, "weight of the semantic loss 1 - cos(f(x), f(x~))")
+    s_mean: float = arg(0.0, "logit-normal timestep density: mean of logit(s)")
+    s_std: float = arg(1.0, "logit-normal timestep density: std of logit(s)")
+    reward: str = arg("clip", "semantic backbone f (reward.py): clip | pixel | ...")
+    reward_path: str = arg("", "backbone weights ('' = its real default; 'tiny' = random tiny CLIP)")
+    temperature: float = arg(0.7, "caption sampling temperature for sem (0 = greedy)")
+    max_new_tokens: int = arg(512, "caption length cap for sem and samples")
+    sem_steps_k: int = arg(0, "0 = one-step estimate; K > 0 = backprop the last K sampler steps")
+    sem_sample_steps: int = arg(10, "sampler steps when sem_steps_k > 0 (released cold start: 10)")
+    cond_source: str = arg("text", "sem condition: text (re-encoding, as at inference) | captioning_pass (released code)", choices=["text", "captioning_pass"])
     # what trains
-    train_encoder_lora: Optional[bool] = field(default=None, metadata={"help": "train a LoRA on the LVLM (default: only when the objective has sem)"})
-    dit_full: bool = field(default=False, metadata={"help": "train every DiT weight instead of a DiT LoRA"})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (released UAE: 32)"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (released UAE: 64)"})
+    train_encoder_lora: Optional[bool] = arg(None, "train a LoRA on the LVLM (default: only when the objective has sem)")
+    dit_full: bool = arg(False, "train every DiT weight instead of a DiT LoRA")
+    lora_r: int = arg(32, "LoRA rank (released UAE: 32)")
+    lora_alpha: int = arg(64, "LoRA alpha (released UAE: 64)")
     # optimisation
-    batch_size: int = field(default=4, metadata={"help": "images per rank per micro-step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps (the length of the lr schedule)"})
-    stop_after: int = field(default=0, metadata={"help": "end this run (with a checkpoint) at this step; continue with --resume (0 = at --steps)"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=100, metadata={"help": "linear warmup steps (at most 10 pct of --steps)"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine (down to 0.1 lr) | constant", "choices": ["cosine", "constant"]})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for weights and compute", "choices": ["fp32", "bf16"]})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the LVLM, the DiT and the VAE decoder"})
-    fsdp: bool = field(default=False, metadata={"help": "shard the DiT (per block) and the projector with FSDP2: fp32 master weights, "
-                                                        "gradients and AdamW state split over ranks (needed for --dit_full at real size)"})
-    seed: int = field(default=0, metadata={"help": "global seed"})
+    batch_size: int = arg(4, "images per rank per micro-step")
+    grad_accum: int = arg(1, "micro-steps per optimizer step")
+    steps: int = arg(1000, "optimizer steps (the length of the lr schedule)")
+    stop_after: int = arg(0, "end this run (with a checkpoint) at this step; continue with --resume (0 = at --steps)")
+    lr: float = arg(1e-4, "AdamW learning rate")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    warmup: int = arg(100, "linear warmup steps (at most 10 pct of --steps)")
+    schedule: str = arg("cosine", "cosine (down to 0.1 lr) | constant", choices=["cosine", "constant"])
+    grad_clip: float = arg(1.0, "max grad norm (0 = no clipping)")
+    dtype: str = arg("fp32", "fp32 | bf16: one dtype for weights and compute", choices=["fp32", "bf16"])
+    grad_ckpt: bool = arg(False, "gradient checkpointing in the LVLM, the DiT and the VAE decoder")
+    fsdp: bool = arg(False, "shard the DiT (per block) and the projector with FSDP2: fp32 master weights, "
+                                                        "gradients and AdamW state split over ranks (needed for --dit_full at real size)")
+    seed: int = arg(0, "global seed")
     # samples / logging / checkpoints
-    cfg: float = field(default=5.0, metadata={"help": "CFG of the sample reconstructions"})
-    sample_steps: int = field(default=40, metadata={"help": "Euler steps of the sample reconstructions"})
-    sample_n: int = field(default=4, metadata={"help": "images in each sample grid (the first of the data)"})
-    sample_every: int = field(default=100, metadata={"help": "write samples/step*.png (source | reconstruction + caption); 0 = never"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
-    log_every: int = field(default=1, metadata={"help": "print a log line every N steps (the JSONL gets every step)"})
-    resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir/ckpt (fresh start if there is none); "
-                                                           "flags that change the optimisation must be the saved ones"})
-    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
-    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
-    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
-    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+    cfg: float = arg(5.0, "CFG of the sample reconstructions")
+    sample_steps: int = arg(40, "Euler steps of the sample reconstructions")
+    sample_n: int = arg(4, "images in each sample grid (the first of the data)")
+    sample_every: int = arg(100, "write samples/step*.png (source | reconstruction + caption); 0 = never")
+    save_every: int = arg(500, "checkpoint every N steps (and at the end)")
+    log_every: int = arg(1, "print a log line every N steps (the JSONL gets every step)")
+    resume: bool = arg(False, "continue exactly from out_dir/ckpt (fresh start if there is none); "
+                                                           "flags that change the optimisation must be the saved ones")
+    overwrite: bool = arg(False, "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)")
+    max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    wandb: str = arg("", "wandb project ('' = off)")
+    tensorboard: bool = arg(False, "write tensorboard events to out_dir/tb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,12 +247,10 @@ def setup(args, device, resume=False):
     full = ("transformer",) if args.dit_full else ()
     torch.manual_seed(args.seed)                          # same projector init and fresh adapters on every rank
     if resume:                                            # this stage's adapters come back live
-        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True, train_full=full)
-        meta = json.load(open(os.path.join(args.out_dir, "ckpt", "uae.json")))
-        live = meta["layers"][-1] if meta["live_layer"] else {}
-        lora_cfg = {"encoder": live.get("encoder"), "transformer": live.get("transformer")}
+        m = runs.load_model(init=args.out_dir, dtype=dtype, device=device, resume=True, train_full=full)
+        lora_cfg = runs.live_lora(args.out_dir)
     else:
-        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+        m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device, train_full=full)
         train_enc = args.train_encoder_lora if args.train_encoder_lora is not None else "sem" in args.objective
         lora_cfg = {"encoder": M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS) if train_enc else None,
@@ -295,7 +288,7 @@ def write_samples(m, args, ds, step, size, device, write=True):
         return
     d = os.path.join(args.out_dir, "samples")
     labels = ["".join(ch if ch.isprintable() else "?" for ch in t) for t in texts]
-    D.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
+    images.save_grid(os.path.join(d, f"step{step:06d}.png"), [x.cpu(), recon.cpu()], labels)
     with open(os.path.join(d, f"step{step:06d}.jsonl"), "w") as f:
         for name, t in zip(names, texts):
             f.write(json.dumps({"image": name, "caption": t}) + "\n")
@@ -311,48 +304,41 @@ def validate(args):
     """Every flag, the data and a resume's compatibility, before anything is loaded or written
     (training.validate_run does the shared part). A user error raises training.UsageError."""
     if not args.data:
-        raise T.UsageError(T.no_data("python stage1_coldstart.py --data data/shapes/train/captions.jsonl --resolution 64 "
+        raise runs.UsageError(runs.no_data("python stage1_coldstart.py --data data/shapes/train/captions.jsonl --resolution 64 "
                                      "--steps 60 --batch_size 8 --lr 1e-3 --out_dir out/stage1_fm"))
-    T.one_of(args, "objective", ("fm", "sem", "fm+sem"))
-    T.one_of(args, "cond_source", ("text", "captioning_pass"))
-    T.at_least(args, 1, "batch_size", "grad_accum", "sample_n", "sample_steps", "sem_sample_steps")
-    T.at_least(args, 0, "w_fm", "w_sem", "s_std", "sem_steps_k", "stop_after")
-    T.finite(args, "s_mean", "cfg")
+    runs.one_of(args, "objective", ("fm", "sem", "fm+sem"))
+    runs.one_of(args, "cond_source", ("text", "captioning_pass"))
+    if "sem" in args.objective:  # L_sem needs the backbone's features (with gradients), not a module:function reward
+        runs.one_of(args, "reward", reward.BACKBONES)
+    runs.at_least(args, 1, "batch_size", "grad_accum", "sample_n", "sample_steps", "sem_sample_steps")
+    runs.at_least(args, 0, "w_fm", "w_sem", "s_std", "sem_steps_k", "stop_after")
+    runs.finite(args, "s_mean", "cfg")
     objs = args.objective.split("+")
-    T.need(sum(getattr(args, f"w_{o}") for o in objs) > 0, f"--objective {args.objective} with weight 0: nothing can learn")
-    T.need(args.sem_steps_k <= args.sem_sample_steps, f"--sem_steps_k {args.sem_steps_k}: at most --sem_sample_steps "
+    runs.need(sum(getattr(args, f"w_{o}") for o in objs) > 0, f"--objective {args.objective} with weight 0: nothing can learn")
+    runs.need(args.sem_steps_k <= args.sem_sample_steps, f"--sem_steps_k {args.sem_steps_k}: at most --sem_sample_steps "
                                                       f"({args.sem_sample_steps})")
     size = args.resolution or (64 if args.preset == "tiny" else 512)
-    return T.validate_run(args, "stage1", size=size, datasets=[("data", "fm" in objs)], harmless=("cfg", "sample_steps"))
+    return runs.validate_run(args, "stage1", size=size, datasets=[("data", "fm" in objs)], harmless=("cfg", "sample_steps"))
 
 
 def main(argv=None):
-    args = T.parse_args(Args, argv)
-    args = validate(args)
+    args = validate(runs.parse_args(Args, argv))
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     objs = args.objective.split("+")
     size = args.resolution or (64 if args.preset == "tiny" else 512)
-    ds = D.ImageDataset(args.data, size, need_captions="fm" in objs)
-    resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "ckpt", "uae.json"))
-    m, params, lora_cfg = setup(args, device, resume)
+    ds = images.ImageDataset(args.data, size, need_captions="fm" in objs)
+    m, params, lora_cfg = setup(args, device, args.resume)
     if args.fsdp:  # FSDP2 over the DiT blocks and the projector (training.fsdp_shard); the encoder stays replicated
         params = T.fsdp_shard(m, ("transformer", "projector"), m.dtype, world)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.fsdp:
         T.fsdp_track(opt, m)
     torch.manual_seed(args.seed + rank)                   # (every draw below is also seeded explicitly)
-    step = 0
-    if resume:
-        step, _ = T.load_train_state(args.out_dir, opt, rank, world)
-    backbone = None
+    backbone = None                                       # f of L_sem, frozen; gradients reach its input
     if "sem" in objs:
-        import reward as R
-        backbone = R.load_backbone(args.reward, args.reward_path or None, device=device).to(device)
-        backbone.requires_grad_(False)
-        backbone.eval()
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=resume, step=step,
-                   overwrite=args.overwrite)
+        backbone = reward.load_backbone(args.reward, runs.reward_path(args.reward, args.reward_path), device=device)
+    step, _, log = runs.start(args, opt, rank, world)      # --resume: optimizer, RNG
     if master:
         print(f"stage 1 ({args.objective}): {len(ds)} images at {size}px, {world} rank(s), "
               f"{args.batch_size}x{args.grad_accum} images/rank/step, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
@@ -392,8 +378,7 @@ def main(argv=None):
         if (master or args.fsdp) and args.sample_every and step % args.sample_every == 0:  # FSDP: all ranks draw
             write_samples(m, args, ds, step, size, device, write=master)
         if step % args.save_every == 0 or step == end:
-            T.save_train_state(args.out_dir, m, asdict(args), step, opt, lora_cfg, rank, world, "stage1",
-                               transformer_full=args.dit_full)
+            runs.save(args, m, step, opt, lora_cfg, rank, world, "stage1", transformer_full=args.dit_full)
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -434,4 +419,4 @@ def log_line(step, met, lr, gnorm, skipped):
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

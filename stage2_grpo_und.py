@@ -7,101 +7,100 @@ image from each caption alone; the reward is cos(f_I(x), f_I(x~)); GRPO raises t
 captions that redraw better than their group.
 
 Launch:
-  python stage2_grpo_und.py --preset tiny --data data/shapes/train --steps 20 --G 4 \
-      --max_new_tokens 32 --sample_steps 6 --reward pixel                      # tiny, CPU
-  torchrun --nproc_per_node=2 stage2_grpo_und.py --preset tiny --data ... # same, 2 ranks
+  python stage2_grpo_und.py --preset tiny --data data/shapes/train/captions.jsonl --resolution 64 --steps 20 \
+      --G 4 --max_new_tokens 32 --sample_steps 6 --reward pixel --out_dir out/stage2-tiny   # tiny, CPU
   torchrun --nproc_per_node=8 stage2_grpo_und.py --init out/stage1 --data images/ \
-      --reward clip --reward_path local-dir:/ckpt/clip-vit-l-14 --dtype bf16 \
-      --grad_ckpt --resolution 512 --out_dir out/stage2                      # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB
+      --reward clip --reward_path weights/clip-vit-l-14 --dtype bf16 \
+      --grad_ckpt --resolution 512 --out_dir out/stage2              # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB
 
-Where this departs from the paper (which gives no RL hyper-parameters) and from TRL's GRPO:
+Where this departs from the paper (which gives no RL hyper-parameters) and from TRL's GRPO
+(why: docs/algorithm.md §4):
 1. Defaults are TRL/DeepSeek's (G 8, temperature 1, eps 0.2, beta 0.04, mu 1); the paper gives none.
-2. Loss aggregation defaults to token-level ("dapo"): per-sequence means ("grpo") are biased
-   against long captions, the very thing the aha moment is about. "dr_grpo" divides by G*max_len.
-3. The condition is the text-only re-encoding of the caption with the *pre-stage* encoder
-   (adapter off), as in the released inference: the reward measures what the caption says, and
-   the environment does not move while the policy learns.
-4. Reconstruction is a deterministic Euler ODE from one noise per group (shared by the G
-   captions), so reward differences come from the captions, not from the noise.
-5. Advantages use a std floor (CLIP rewards are continuous and groups can be nearly flat).
-6. Data parallel by one flat all-reduce of the LoRA gradients (training.optimizer_step), not a DDP
-   wrapper; the token count that normalises "dapo" is all-reduced, so 2 ranks == 1 rank.
-7. --seed_per_group samples each group under its own seed (one generate call per image) so runs
-   are reproducible across rank counts; off by default (all B*G captions in one call).
-8. --eval_every: a fixed evaluation (eval/reward, eval/words_mean, eval/tokens_mean) on the same
-   images, caption seeds and noise every time, so the curve shows the policy and not the draw of
-   the batch (training batches differ in difficulty far more than the policy moves in a step).
+2. Loss aggregation defaults to token-level ("dapo"): per-sequence means ("grpo") are biased against long
+   captions, the very thing the aha moment is about; "dr_grpo" divides by G * max_new_tokens.
+3. The condition is the caption re-encoded by the *pre-stage* encoder (adapter off): the environment
+   does not move while the policy learns.
+4. The redraw is a deterministic Euler ODE from one noise per group, so rewards compare captions.
+5. Advantages use a std floor (CLIP rewards are continuous; groups can be nearly flat).
+6. One flat all-reduce of the LoRA gradients, not DDP; the "dapo" token count is all-reduced, so
+   2 ranks == 1 rank with the same global batch.
+7. --seed_per_group: each group sampled under its own seed (reproducible across rank counts); off by default.
+8. --eval_every: a fixed evaluation (same images, caption seeds, noise) the curve can be read from.
 """
+import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import images
 import model as M
-import data as D
+import runs
 import training as T
+from runs import arg
 
 
 @dataclass
 class Args:
-    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
-    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
-    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1 out_dir, or released:DIR: the authors' release)"})
-    data: str = field(default="", metadata={"help": "folder of images or .jsonl of {image, caption}"})
-    out_dir: str = field(default="out/stage2", metadata={"help": "checkpoints, log.jsonl, samples/"})
-    reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | dinov2 | ..."})
-    reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's real default, 'tiny')"})
-    resolution: int = field(default=512, metadata={"help": "image side for the source and the reconstruction"})
+    preset: str = arg("tiny", "base models when --init is empty: tiny | real")
+    encoder: str = arg("", "override the LVLM (local dir or hub id)")
+    decoder: str = arg("", "override the SD3 decoder (local dir or hub id)")
+    init: str = arg("", "checkpoint to start from (a stage-1 out_dir, or released:DIR: the authors' release)")
+    data: str = arg("", "folder of images or .jsonl of {image, caption}")
+    out_dir: str = arg("out/stage2", "checkpoints, log.jsonl, samples/")
+    reward: str = arg("clip", "reward (reward.py): a backbone (clip | longclip | dinov2 | dinov3 | pixel) or module:function")
+    reward_path: str = arg("", "the backbone's weights ('' = its real default; 'tiny' = seeded random tiny weights)")
+    resolution: int = arg(512, "image side for the source and the reconstruction")
     # GRPO (docs/algorithm.md §4)
-    G: int = field(default=8, metadata={"help": "captions per image (group size)"})
-    batch_size: int = field(default=1, metadata={"help": "images per rank per step (rollout batch = batch_size*G)"})
-    micro_batch: int = field(default=8, metadata={"help": "captions per policy forward/backward"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: must stay 1 (a truncation is not in the scored log-probs)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling: must stay 0 (same reason)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip range below 1"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip range above 1 (DAPO uses 0.28)"})
-    beta: float = field(default=0.04, metadata={"help": "k3 KL weight against the adapter-off reference"})
-    mu: int = field(default=1, metadata={"help": "num_iterations: policy updates per rollout batch"})
-    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none: divide advantages by this std"})
-    std_floor: float = field(default=1e-2, metadata={"help": "advantage denominator is max(std, std_floor) + 1e-4"})
-    loss_agg: str = field(default="dapo", metadata={"help": "dapo (token mean) | grpo (sequence mean) | dr_grpo"})
-    seed_per_group: bool = field(default=False, metadata={"help": "seed each group's sampling (reproducible across rank counts)"})
+    G: int = arg(8, "captions per image (group size)")
+    batch_size: int = arg(1, "images per rank per step (rollout batch = batch_size*G)")
+    micro_batch: int = arg(8, "captions per policy forward/backward")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
+    top_p: float = arg(1.0, "nucleus sampling: must stay 1 (a truncation is not in the scored log-probs)")
+    top_k: int = arg(0, "top-k sampling: must stay 0 (same reason)")
+    max_new_tokens: int = arg(512, "caption length cap")
+    eps_low: float = arg(0.2, "clip range below 1")
+    eps_high: float = arg(0.2, "clip range above 1 (DAPO uses 0.28)")
+    beta: float = arg(0.04, "k3 KL weight against the adapter-off reference")
+    mu: int = arg(1, "num_iterations: policy updates per rollout batch")
+    scale_rewards: str = arg("group", "group | batch | none: divide advantages by this std")
+    std_floor: float = arg(1e-2, "advantage denominator is max(std, std_floor) + 1e-4")
+    loss_agg: str = arg("dapo", "dapo (token mean) | grpo (sequence mean) | dr_grpo")
+    seed_per_group: bool = arg(False, "seed each group's sampling (reproducible across rank counts)")
     # environment (frozen decoder)
-    sample_steps: int = field(default=20, metadata={"help": "Euler steps of the reconstruction"})
-    cfg: float = field(default=5.0, metadata={"help": "classifier-free guidance of the reconstruction"})
+    sample_steps: int = arg(20, "Euler steps of the reconstruction")
+    cfg: float = arg(5.0, "classifier-free guidance of the reconstruction")
     # optimisation
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank (released UAE: 32)"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (released UAE: 64)"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="constant", metadata={"help": "constant | cosine"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm"})
-    steps: int = field(default=500, metadata={"help": "optimizer steps (rollout batches)"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for sampling and training"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the policy forward"})
-    fsdp: bool = field(default=False, metadata={"help": "shard the frozen DiT of the environment per block with FSDP2 (training.fsdp_shard): "
-                                                        "~14 GB less per GPU on 8 ranks; the encoder stays replicated; --eval_images >= ranks"})
-    seed: int = field(default=0, metadata={"help": "global seed (ranks offset it)"})
-    step_offset: int = field(default=0, metadata={"help": "count the data order and every per-step random draw from step N+1 (the log still counts from 1): a run chained after another with --init (Unified-GRPO in rounds, README) continues its batches instead of drawing the same ones again"})
+    lora_r: int = arg(32, "LoRA rank (released UAE: 32)")
+    lora_alpha: int = arg(64, "LoRA alpha (released UAE: 64)")
+    lr: float = arg(1e-5, "AdamW learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    warmup: int = arg(0, "linear warmup steps")
+    schedule: str = arg("constant", "constant | cosine")
+    grad_clip: float = arg(1.0, "max grad norm")
+    steps: int = arg(500, "optimizer steps (rollout batches)")
+    dtype: str = arg("fp32", "fp32 | bf16: one dtype for sampling and training")
+    grad_ckpt: bool = arg(False, "gradient checkpointing in the policy forward")
+    fsdp: bool = arg(False, "shard the environment's frozen DiT per block with FSDP2 (training.fsdp_shard); "
+                            "the encoder stays replicated; needs --eval_images >= ranks")
+    seed: int = arg(0, "global seed (ranks offset it)")
+    step_offset: int = arg(0, "draw the data and every per-step seed of steps N+1.. (the log still counts from 1): a run "
+                              "chained after another with --init continues its batches (Unified-GRPO in rounds)")
     # logging / checkpoints
-    eval_every: int = field(default=0, metadata={"help": "fixed eval before step 1, every N steps and at the end (0 = never)"})
-    eval_images: int = field(default=8, metadata={"help": "images in the fixed eval (the first of --eval_data)"})
-    eval_G: int = field(default=4, metadata={"help": "captions per eval image (seeded per image, same every eval)"})
-    eval_data: str = field(default="", metadata={"help": "eval images: folder or .jsonl ('' = --data; a held-out split is better)"})
-    log_every: int = field(default=1, metadata={"help": "log line every N steps"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
-    sample_every: int = field(default=50, metadata={"help": "write samples/step*.png + .jsonl every N steps (0 = never)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly (fresh start if there is none); "
-                                                           "flags that change the optimisation must be the saved ones"})
-    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
-    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
-    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
-    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+    eval_every: int = arg(0, "fixed eval before step 1, every N steps and at the end (0 = never)")
+    eval_images: int = arg(8, "images in the fixed eval (the first of --eval_data)")
+    eval_G: int = arg(4, "captions per eval image (seeded per image, same every eval)")
+    eval_data: str = arg("", "eval images: folder or .jsonl ('' = --data; a held-out split is better)")
+    log_every: int = arg(1, "log line every N steps")
+    save_every: int = arg(100, "checkpoint every N steps (and at the end)")
+    sample_every: int = arg(50, "write samples/step*.png + .jsonl every N steps (0 = never)")
+    resume: bool = arg(False, "continue from out_dir/ckpt exactly (fresh start if there is none); "
+                              "flags that change the optimisation must be the saved ones")
+    overwrite: bool = arg(False, "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)")
+    max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    wandb: str = arg("", "wandb project ('' = off)")
+    tensorboard: bool = arg(False, "write tensorboard events to out_dir/tb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,35 +176,33 @@ def validate(args):
     """Every flag, the data and a resume's compatibility, before anything is loaded or written
     (training.validate_run does the shared part). A user error raises training.UsageError."""
     if not args.data:
-        raise T.UsageError(T.no_data("python stage2_grpo_und.py --data data/shapes/train/captions.jsonl --resolution 64 "
+        raise runs.UsageError(runs.no_data("python stage2_grpo_und.py --data data/shapes/train/captions.jsonl --resolution 64 "
                                      "--reward pixel --G 4 --batch_size 2 --max_new_tokens 24 --sample_steps 6 --cfg 1.0 "
                                      "--steps 10 --lr 5e-3"))
-    T.at_least(args, 2, "G", why="a group of one caption has advantage 0: nothing can learn")
-    T.at_least(args, 1, "batch_size", "micro_batch", "mu", "sample_steps", "eval_images", "eval_G")
-    T.at_least(args, 0, "eps_low", "eps_high", "beta", "std_floor", "eval_every", "step_offset")
-    T.above(args, 0, "temperature", why="at 0 the G captions of a group are identical: nothing can learn")
-    T.need(args.top_p == 1 and args.top_k == 0,  # sampling would not draw from the distribution completion_logprobs scores
+    runs.at_least(args, 2, "G", why="a group of one caption has advantage 0: nothing can learn")
+    runs.at_least(args, 1, "batch_size", "micro_batch", "mu", "sample_steps", "eval_images", "eval_G")
+    runs.at_least(args, 0, "eps_low", "eps_high", "beta", "std_floor", "eval_every", "step_offset")
+    runs.above(args, 0, "temperature", why="at 0 the G captions of a group are identical: nothing can learn")
+    runs.need(args.top_p == 1 and args.top_k == 0,  # sampling would not draw from the distribution completion_logprobs scores
            f"--top_p {args.top_p} / --top_k {args.top_k}: GRPO scores the untruncated distribution; "
            "use --top_p 1 --top_k 0 (lower --temperature to sharpen sampling)")
-    T.need(args.eps_low < 1, f"--eps_low {args.eps_low}: must be < 1")
-    T.finite(args, "cfg")
-    T.one_of(args, "loss_agg", ("dapo", "grpo", "dr_grpo"))
-    T.one_of(args, "scale_rewards", ("group", "batch", "none"))
+    runs.need(args.eps_low < 1, f"--eps_low {args.eps_low}: must be < 1")
+    runs.finite(args, "cfg")
+    runs.one_of(args, "loss_agg", ("dapo", "grpo", "dr_grpo"))
+    runs.one_of(args, "scale_rewards", ("group", "batch", "none"))
     data = [("data", False)] + ([("eval_data", False)] if args.eval_every and args.eval_data else [])
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    T.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
+    runs.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
            f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
-    return T.validate_run(args, "stage2", size=args.resolution, datasets=data)
+    return runs.validate_run(args, "stage2", size=args.resolution, datasets=data)
 
 
 def main(argv=None):
-    import reward as R
-    args = T.parse_args(Args, argv)
-    args = validate(args)
+    args = validate(runs.parse_args(Args, argv))
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ds = D.ImageDataset(args.data, args.resolution)
+    ds = images.ImageDataset(args.data, args.resolution)
     m, lora_cfg = setup(args, dtype, device)
     if args.fsdp:  # FSDP2 over the environment's DiT blocks; every rank then runs every DiT call
         T.fsdp_shard(m, ("transformer",), dtype, world)
@@ -214,20 +211,18 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.fsdp:
         T.fsdp_track(opt, m)
-    step = T.load_train_state(args.out_dir, opt, rank, world)[0] if args.resume else 0
-    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
+    reward = runs.load_reward(args.reward, args.reward_path, device)               # R(x, x~), frozen
     with torch.no_grad(), M.adapters_disabled(m.encoder):
         neg = m.condition([M.NEGATIVE_PROMPT])  # the environment's: pre-stage weights, adapter off (as on resume)
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume, step=step,
-                   overwrite=args.overwrite)
+    step, _, log = runs.start(args, opt, rank, world)                               # --resume: optimizer, RNG
     if master:
         print(f"stage 2: {len(ds)} images, {world} rank(s), {args.batch_size}x{args.G} captions/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable LoRA params, dtype {args.dtype}")
     G, skipped, ev = args.G, 0, {}
     if args.eval_every:
-        ev["ds"] = D.ImageDataset(args.eval_data, args.resolution) if args.eval_data else ds
+        ev["ds"] = images.ImageDataset(args.eval_data, args.resolution) if args.eval_data else ds
         if not args.resume:
-            log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
+            log.log(step, evaluate(m, ev, neg, reward, args, rank, world, device))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage2")
     while step < args.steps:
         clock = T.Clock()
@@ -248,9 +243,9 @@ def main(argv=None):
         noise = group_noise(m.latent_shape(args.resolution, args.resolution), args.seed, t, gids, device)
         recon = reconstruct(m, roll.texts, noise.repeat_interleave(G, 0), neg, args)   # (N, 3, H, W)
         clock.tick("reconstruct")
-        # 3. Reward: r_i = cos(f(x), f(x~_i)), no grad
+        # 3. Reward: r_i = R(x, x~_i), e.g. cos(f(x), f(x~_i)), no grad
         with torch.no_grad():
-            r = backbone.similarity(x.repeat_interleave(G, 0).float(), recon.float()).float()   # (N,)
+            r = reward(x.repeat_interleave(G, 0), recon, roll.texts)              # (N,)
         clock.tick("reward")
         # 4. Advantage: A_i = (r_i - mean_G r) / (max(std, floor) + eps), groups live on this rank
         mask = roll.completion_mask                                               # (N, T)
@@ -306,9 +301,9 @@ def main(argv=None):
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(args.out_dir, step, x, recon, roll.texts, r, G, names)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.log(step, evaluate(m, ev, neg, backbone, args, rank, world, device))
+            log.log(step, evaluate(m, ev, neg, reward, args, rank, world, device))
         if step % args.save_every == 0 or step == args.steps:
-            T.save_train_state(args.out_dir, m, asdict(args), step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
+            runs.save(args, m, step, opt, {"encoder": lora_cfg}, rank, world, "stage2")
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -322,10 +317,10 @@ def setup(args, dtype, device):
     """The policy: pre-stage weights merged, this stage's encoder LoRA live (fresh, the same on
     every rank; or the checkpoint's with --resume). -> (m, lora_cfg)."""
     if args.resume:
-        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
-        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["encoder"]
+        m = runs.load_model(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        lora_cfg = runs.live_lora(args.out_dir)["encoder"]
     else:
-        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+        m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
         torch.manual_seed(args.seed)  # the same fresh adapter on every rank
         lora_cfg = M.add_lora(m.encoder, args.lora_r, args.lora_alpha, M.ENCODER_LORA_TARGETS)
@@ -377,7 +372,7 @@ def log_line(step, met):
 
 
 @torch.no_grad()
-def evaluate(m, ev, neg, backbone, args, rank, world, device):
+def evaluate(m, ev, neg, reward, args, rank, world, device):
     """Fixed evaluation of the current policy: image i < eval_images (i mod len(eval data); split over
     ranks) gets eval_G captions sampled under a seed of its own and one noise of its own, the same at every
     evaluation. -> {"eval/reward", "eval/words_mean", "eval/tokens_mean"}: means over all eval captions."""
@@ -393,7 +388,7 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                         max_new_tokens=args.max_new_tokens)
         recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
-        r = backbone.similarity(ev["x"].repeat_interleave(args.eval_G, 0).float(), recon.float())
+        r = reward(ev["x"].repeat_interleave(args.eval_G, 0), recon, roll.texts)
         tot = {"r": r.sum().item(), "w": float(sum(len(t.split()) for t in roll.texts)),
                "t": roll.completion_mask.sum().item(), "n": float(len(roll.texts))}
     s = T.allreduce_metrics(tot, world)
@@ -404,16 +399,15 @@ def evaluate(m, ev, neg, backbone, args, rank, world, device):
 def write_samples(out_dir, step, x, recon, texts, r, G, names):
     """samples/step{N}.png: per image, source | its G reconstructions; the best caption below.
     samples/step{N}.jsonl: every caption with its reward."""
-    import json
     B = x.shape[0]
     cols = [x.cpu()] + [recon.view(B, G, *recon.shape[1:])[:, g].cpu() for g in range(G)]
     best = r.view(B, G).argmax(1)
     labels = [f"best r={r.view(B, G)[b, best[b]]:.3f}: {texts[b * G + int(best[b])]}" for b in range(B)]
-    D.save_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"), cols, labels)
+    images.save_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"), cols, labels)
     with open(os.path.join(out_dir, "samples", f"step{step:06d}.jsonl"), "w") as f:
         for i, t in enumerate(texts):
             f.write(json.dumps({"image": names[i // G], "caption": t, "reward": r[i].item()}) + "\n")
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

@@ -1,155 +1,113 @@
 """
 Stage 3 — Understanding for Generation: Flow-GRPO on the decoder (docs/algorithm.md §5).
 
-The frozen encoder captions each image once; c = g(H(caption)) is the condition; the policy (the
-SD3 DiT with a fresh LoRA) draws G images from c with a stochastic (SDE) sampler, each from its
-own noise; the reward is cos(f_I(x), f_I(x~)) against the source; Flow-GRPO raises the
-likelihood of the denoising transitions of the samples that redraw the source better than
-their group.
+The frozen encoder captions each image; c = g(H(caption)) is the condition; the policy (the SD3 DiT
+with a fresh LoRA) draws G images from c with a stochastic (SDE) sampler, each from its own noise;
+the reward is R(x, x~) against the source; Flow-GRPO raises the likelihood of the denoising
+transitions of the samples that redraw the source better than their group.
 
 Launch:
-  python stage3_grpo_gen.py --preset tiny --data data/shapes/train --resolution 64 --steps 4 \
-      --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --reward pixel \
-      --lr 1e-2 --eval_every 2 --sample_every 2 --out_dir out/stage3-tiny      # tiny, CPU, seconds
-  torchrun --nproc_per_node=2 stage3_grpo_gen.py --preset tiny ...            # same, 2 ranks (gloo)
+  python stage3_grpo_gen.py --preset tiny --data data/shapes/train/captions.jsonl --resolution 64 \
+      --steps 4 --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --reward pixel \
+      --lr 1e-2 --eval_every 2 --sample_every 2 --out_dir out/stage3-tiny       # tiny, CPU, seconds
   torchrun --nproc_per_node=8 stage3_grpo_gen.py --init out/stage2 --data images/ \
-      --reward clip --reward_path /ckpt/clip-vit-l-14 --dtype bf16 --grad_ckpt \
-      --out_dir out/stage3   # Qwen2.5-VL-3B + SD3.5-large (from the init checkpoint), 512 px, 8 x 80 GB
-The defaults are the real run's; the tiny run is only flags. A learning run on the tiny preset
-(pixel reward, one image, greedy caption): --resolution 32 --G 64 --groups 1 --steps 24
---lr 5e-2 --cfg 1 --temperature 0 --beta 0 (tests/test_stage3.py::test_pixel_reward_rises).
+      --reward clip --reward_path weights/clip-vit-l-14 --dtype bf16 --grad_ckpt \
+      --out_dir out/stage3            # Qwen2.5-VL-3B + SD3.5-large from the init checkpoint, 512 px, 8 x 80 GB
+The defaults are the real run's. A learning run on the tiny preset: tests/test_stage3.py::test_pixel_reward_rises.
 
-Where this departs from the paper (which gives no RL details for this stage) and Flow-GRPO:
-1. Hyper-parameters are Flow-GRPO's SD3.5 ones (512 px, 10 train / 40 eval steps, CFG 4.5,
-   a 0.7, eps 1e-4, beta 0.04, lr 3e-4, wd 1e-4, clip 1.0, LoRA r 32 / alpha 64 on the
-   attention projections, all steps but the last trained); the paper states none. G is 8 per
-   group (Flow-GRPO: 24 spread over GPUs) because a group lives on one rank here.
-2. The prompt is not a text prompt but the image's own caption by the frozen encoder (sampled at
-   temperature 0.7 as the released demo; cached, see 8), and the reward is similarity to that image.
-3. std_i at s = 1 uses s_1 in place of s in both places of sqrt(s / (1 - s)) (docs/algorithm.md §5, read
-   literally); Flow-GRPO's code replaces it only in the denominator. The two differ by sqrt(s_1)
-   (~0.98) at the first step only.
-4. Advantages use the population std of the group (Flow-GRPO's per-prompt tracker) with a std
-   floor (default 1e-3; Flow-GRPO has none) so that near-flat groups do not amplify noise.
-   No per-prompt history across steps (each image appears as one fresh group).
-5. No EMA of the LoRA weights and no reward-model-specific tricks (Flow-GRPO has an EMA option).
-6. Data parallel by one flat all-reduce of the LoRA gradients (training.optimizer_step), not DDP.
-   Every random draw (initial and SDE noise, the trained step subset, on-the-fly captions) comes
-   from a generator seeded by (seed, step, global group id), cached captions from (seed, image
-   index) and the pick among them from (seed, image index, epoch), so N ranks == 1 rank with the
-   same global batch, and --resume continues exactly. Captions are therefore sampled one image per
-   generate call.
-7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration (Flow-GRPO
-   permutes timesteps per sample in some versions); each trained step gets its own backward.
-8. Captions are cached (--captions_per_image K, default 4; 0 = as before, a fresh caption at
-   every visit). Before step 1 the frozen encoder captions every image the run will visit K times
-   (one generate call of K rows per image, sharded over ranks) into out_dir/captions.jsonl, which
-   --resume and reruns read back (a file from other data, K, sampling or encoder is refused); a
-   visit uses one of its image's K, each once in any K consecutive epochs. What this changes:
-   an image gets K different captions over the run instead of a new one per visit (the same up
-   to K epochs, repeated after; Flow-GRPO itself repeats one fixed prompt), and captioning moves
-   out of the step: -32..-34% per step at 2 threads, -28% at 1 (bench.py, tiny, the same captions
-   with and without the cache: about the captioning share, 30-34% of the step that day), for a
-   one-off cost before step 1. Only the text is cached: the condition is recomputed each step
-   (~4 ms, 2% of the tiny step; at real size ~5 MB per caption to store). Why 4: K rows in one
-   generate call cost 1.06-1.09x (K 2), 1.20-1.27x (K 4), 1.41-1.47x (K 8), 1.78-1.96x (K 16) one
-   row (tiny, CPU, bench.py --sweep, 3 runs); 4 is the largest K within about a quarter of one
-   caption per visited image, so the cache costs about what captioning each image once does and
-   pays from the second epoch on (a run of one epoch or less gains nothing: use 0). At real size
-   decoding is memory-bound, so K rows should cost less extra; not measured here.
-9. --sde_window W (default 0 = off, as Flow-GRPO): noise, log-probs and training on the first W sampler steps only;
-   the steps after them are plain Euler steps, so the rewarded image is what the ODE sampler (eval, benchmark)
-   makes from the state the window left. Flow-GRPO's "Fast" variant and MixGRPO also confine the SDE to a window
-   of steps (they move it; here it is fixed at the start). Why it exists (README, "Stage 3 in the shapes world"):
-   with 8 steps the scheduler's sigmas are 1, .95, .88, .80, .69, .55, .34, .009, 0, so the last trained step
-   leaps from .34 to .009 adding noise of std .29 that no later step removes, and in the demo the training reward
-   rose while a fixed ODE eval fell; with the window the gains carried over to the ODE (5 seeds of 5).
+Where this departs from the paper (which gives no RL details for this stage) and from Flow-GRPO
+(why, with measurements: docs/algorithm.md §5, docs/performance.md):
+1. Hyper-parameters are Flow-GRPO's SD3.5 ones; a group of G lives on one rank (Flow-GRPO: 24 over GPUs).
+2. The prompt is the image's own caption by the frozen encoder; the reward is similarity to that image.
+3. std_i at s = 1 uses s_1 in both places of sqrt(s / (1 - s)); Flow-GRPO's code, in the denominator only.
+4. Advantages: the group's population std with a floor (--std_floor); no per-prompt history across steps.
+5. No EMA of the LoRA weights.
+6. One flat all-reduce of the LoRA gradients, not DDP; every draw is seeded by (seed, step, global group
+   id) or (seed, image), so N ranks == 1 rank with the same global batch and --resume continues exactly.
+7. The trained step subset (--train_frac < 1) is shared by all samples of an iteration.
+8. Captions are cached (--captions_per_image K, caption_cache.py): K per image, sampled before step 1.
+9. --sde_window W (off by default): noise, log-probs and training on the first W sampler steps, Euler after.
 
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 noise, s = 0 data; the DiT predicts
-v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's
-shift); dt = s_{i+1} - s_i < 0.
+v = eps - x0 at timestep 1000 s; sigmas s_0 = 1 > ... > s_N = 0 (UAE.sigmas, the scheduler's shift);
+dt = s_{i+1} - s_i < 0.
 """
-import hashlib
-import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import caption_cache as CC
+import images
 import model as M
-import data as D
+import runs
 import training as T
+from runs import arg
 
 
 @dataclass
 class Args:
-    preset: str = field(default="tiny", metadata={"help": "base models when --init is empty: tiny | real"})
-    encoder: str = field(default="", metadata={"help": "override the LVLM (local dir or hub id)"})
-    decoder: str = field(default="", metadata={"help": "override the SD3 decoder (local dir or hub id)"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from (a stage-1/2 out_dir, or released:DIR); '' = base"})
-    data: str = field(default="", metadata={"help": "folder of images or .jsonl of {image, caption}"})
-    out_dir: str = field(default="out/stage3", metadata={"help": "checkpoints, log.jsonl, samples/"})
-    reward: str = field(default="clip", metadata={"help": "reward backbone (reward.py): clip | pixel | ..."})
-    reward_path: str = field(default="", metadata={"help": "reward weights ('' = the backbone's default, 'tiny')"})
-    resolution: int = field(default=512, metadata={"help": "image side of source and samples (Flow-GRPO: 512; tiny: 64)"})
+    preset: str = arg("tiny", "base models when --init is empty: tiny | real")
+    encoder: str = arg("", "override the LVLM (local dir or hub id)")
+    decoder: str = arg("", "override the SD3 decoder (local dir or hub id)")
+    init: str = arg("", "checkpoint to start from (a stage-1/2 out_dir, or released:DIR); '' = base")
+    data: str = arg("", "folder of images or .jsonl of {image, caption}")
+    out_dir: str = arg("out/stage3", "checkpoints, log.jsonl, samples/")
+    reward: str = arg("clip", "reward (reward.py): a backbone (clip | longclip | dinov2 | dinov3 | pixel) or module:function")
+    reward_path: str = arg("", "the backbone's weights ('' = its real default; 'tiny' = seeded random tiny weights)")
+    resolution: int = arg(512, "image side of source and samples (Flow-GRPO: 512; tiny: 64)")
     # Flow-GRPO (docs/algorithm.md §5)
-    G: int = field(default=8, metadata={"help": "images sampled per caption (group size)"})
-    groups: int = field(default=1, metadata={"help": "groups (source images) per rank per step"})
-    sample_steps: int = field(default=10, metadata={"help": "SDE sampling steps for training"})
-    eval_steps: int = field(default=40, metadata={"help": "ODE (Euler) steps for evaluation"})
-    cfg: float = field(default=4.5, metadata={"help": "classifier-free guidance scale (sampling and training)"})
-    negative_prompt: str = field(default=M.NEGATIVE_PROMPT, metadata={"help": "text of the CFG negative condition"})
-    noise_level: float = field(default=0.7, metadata={"help": "a: SDE noise level, std_i = a sqrt(s_i / (1 - s_i))"})
-    sde_window: int = field(default=0, metadata={"help": (
-        "W > 0: noise (and training) on the first W sampler steps only, plain Euler steps after them, so the "
-        "rewarded image is the ODE's continuation (departure 9; shapes demo: 3 of 8); 0 = every step, as Flow-GRPO")})
-    train_frac: float = field(default=1.0, metadata={"help": "fraction of steps trained (1.0 = all but the last; <1 = random subset per step)"})
-    eps_clip: float = field(default=1e-4, metadata={"help": "ratio clip range (tiny: log-probs are per-dim means)"})
-    beta: float = field(default=0.04, metadata={"help": "KL weight against the adapter-off DiT"})
-    adv_clip: float = field(default=5.0, metadata={"help": "advantages clamped to +-adv_clip"})
-    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none: divide advantages by this std"})
-    std_floor: float = field(default=1e-3, metadata={"help": "advantage denominator is max(std, std_floor) + 1e-4"})
-    mu: int = field(default=1, metadata={"help": "num_inner_epochs: policy updates per sampled batch"})
-    temperature: float = field(default=0.7, metadata={"help": "caption sampling temperature (0 = greedy)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "caption length cap"})
-    captions_per_image: int = field(default=4, metadata={"help": (
-        "K: before step 1 the frozen encoder captions every image the run will visit K times, once (one generate call "
-        "of K rows per image, seeded per image; sharded over ranks), kept in out_dir/captions.jsonl (--resume and "
-        "reruns read it back); each visit uses one of the K, a different one in each of K consecutive epochs. "
-        "0 = a fresh caption at every visit, as before. Default 4: the largest K whose one-off cost stays within "
-        "about a quarter of one caption per image (tiny, CPU: 1.2-1.27x; 8: 1.41-1.47x; 16: 1.78-1.96x; "
-        "bench.py --sweep) (departure 8)")})
+    G: int = arg(8, "images sampled per caption (group size)")
+    groups: int = arg(1, "groups (source images) per rank per step")
+    sample_steps: int = arg(10, "SDE sampling steps for training")
+    eval_steps: int = arg(40, "ODE (Euler) steps for evaluation")
+    cfg: float = arg(4.5, "classifier-free guidance scale (sampling and training)")
+    negative_prompt: str = arg(M.NEGATIVE_PROMPT, "text of the CFG negative condition")
+    noise_level: float = arg(0.7, "a: SDE noise level, std_i = a sqrt(s_i / (1 - s_i))")
+    sde_window: int = arg(0, "W > 0: noise and training on the first W sampler steps only, Euler after them (the "
+                             "rewarded image is the ODE's continuation; departure 9); 0 = every step, as Flow-GRPO")
+    train_frac: float = arg(1.0, "fraction of steps trained (1.0 = all but the last; <1 = random subset per step)")
+    eps_clip: float = arg(1e-4, "ratio clip range (tiny: log-probs are per-dim means)")
+    beta: float = arg(0.04, "KL weight against the adapter-off DiT")
+    adv_clip: float = arg(5.0, "advantages clamped to +-adv_clip")
+    scale_rewards: str = arg("group", "group | batch | none: divide advantages by this std")
+    std_floor: float = arg(1e-3, "advantage denominator is max(std, std_floor) + 1e-4")
+    mu: int = arg(1, "num_inner_epochs: policy updates per sampled batch")
+    temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
+    max_new_tokens: int = arg(512, "caption length cap")
+    captions_per_image: int = arg(4, "K captions per image, sampled once before step 1 into out_dir/captions.jsonl; "
+                                     "a visit uses one of them (departure 8); 0 = a fresh caption at every visit")
     # optimisation
-    lora_r: int = field(default=32, metadata={"help": "DiT LoRA rank (Flow-GRPO: 32)"})
-    lora_alpha: int = field(default=64, metadata={"help": "DiT LoRA alpha (Flow-GRPO: 64)"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="constant", metadata={"help": "constant | cosine"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm"})
-    steps: int = field(default=1000, metadata={"help": "sampling/update iterations"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | bf16: one dtype for sampling and training (LoRA kept fp32)"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the DiT"})
-    fsdp: bool = field(default=False, metadata={"help": "shard the DiT (frozen base + LoRA) per block with FSDP2 (training.fsdp_shard): "
-                                                        "~14 GB less per GPU on 8 ranks; --eval_images >= ranks"})
-    seed: int = field(default=0, metadata={"help": "global seed"})
-    step_offset: int = field(default=0, metadata={"help": "count the data order and every per-step random draw from step N+1 (the log still counts from 1): a run chained after another with --init (Unified-GRPO in rounds, README) continues its batches instead of drawing the same ones again"})
+    lora_r: int = arg(32, "DiT LoRA rank (Flow-GRPO: 32)")
+    lora_alpha: int = arg(64, "DiT LoRA alpha (Flow-GRPO: 64)")
+    lr: float = arg(3e-4, "AdamW learning rate")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    warmup: int = arg(0, "linear warmup steps")
+    schedule: str = arg("constant", "constant | cosine")
+    grad_clip: float = arg(1.0, "max grad norm")
+    steps: int = arg(1000, "sampling/update iterations")
+    dtype: str = arg("fp32", "fp32 | bf16: one dtype for sampling and training (LoRA kept fp32)")
+    grad_ckpt: bool = arg(False, "gradient checkpointing in the DiT")
+    fsdp: bool = arg(False, "shard the DiT (frozen base + LoRA) per block with FSDP2 (training.fsdp_shard); "
+                            "needs --eval_images >= ranks")
+    seed: int = arg(0, "global seed")
+    step_offset: int = arg(0, "draw the data and every per-step seed of steps N+1.. (the log still counts from 1): a run "
+                              "chained after another with --init continues its batches (Unified-GRPO in rounds)")
     # logging / checkpoints / evaluation
-    log_every: int = field(default=1, metadata={"help": "log line every N steps"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
-    sample_every: int = field(default=50, metadata={"help": "write samples/step*.png (source | G samples) every N steps (0 = never)"})
-    eval_every: int = field(default=100, metadata={"help": "fixed ODE eval (eval_steps): before step 1, every N steps, at the end (0 = never)"})
-    eval_images: int = field(default=8, metadata={"help": "samples in the fixed eval set (image i mod len(eval data), one fixed noise each)"})
-    eval_data: str = field(default="", metadata={"help": "eval images: folder or .jsonl ('' = --data; a held-out split is better)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt exactly (fresh start if there is none); "
-                                                           "flags that change the optimisation must be the saved ones"})
-    overwrite: bool = field(default=False, metadata={"help": "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)"})
-    max_pixels: int = field(default=D.MAX_PIXELS, metadata={"help": "refuse images of more pixels (read from the header, never decoded)"})
-    wandb: str = field(default="", metadata={"help": "wandb project ('' = off)"})
-    tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events to out_dir/tb"})
+    log_every: int = arg(1, "log line every N steps")
+    save_every: int = arg(100, "checkpoint every N steps (and at the end)")
+    sample_every: int = arg(50, "write samples/step*.png (source | G samples) every N steps (0 = never)")
+    eval_every: int = arg(100, "fixed ODE eval (eval_steps): before step 1, every N steps, at the end (0 = never)")
+    eval_images: int = arg(8, "samples in the fixed eval set (image i mod len(eval data), one fixed noise each)")
+    eval_data: str = arg("", "eval images: folder or .jsonl ('' = --data; a held-out split is better)")
+    resume: bool = arg(False, "continue from out_dir/ckpt exactly (fresh start if there is none); "
+                              "flags that change the optimisation must be the saved ones")
+    overwrite: bool = arg(False, "start over in an out_dir that holds a run (its log, checkpoint, samples/ are deleted)")
+    max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    wandb: str = arg("", "wandb project ('' = off)")
+    tensorboard: bool = arg(False, "write tensorboard events to out_dir/tb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,170 +236,34 @@ def validate(args):
     """Every flag, the data and a resume's compatibility, before anything is loaded or written
     (training.validate_run does the shared part). A user error raises training.UsageError."""
     if not args.data:
-        raise T.UsageError(T.no_data("python stage3_grpo_gen.py --data data/shapes/train/captions.jsonl --resolution 64 "
+        raise runs.UsageError(runs.no_data("python stage3_grpo_gen.py --data data/shapes/train/captions.jsonl --resolution 64 "
                                      "--reward pixel --G 4 --groups 2 --sample_steps 6 --eval_steps 6 --max_new_tokens 24 "
                                      "--steps 10 --lr 1e-3"))
-    T.at_least(args, 2, "G", why="a group of one sample has advantage 0: nothing can learn")
-    T.at_least(args, 2, "sample_steps", why="the last sampler step is never trained: with one, nothing is")
-    T.at_least(args, 1, "groups", "eval_steps", "mu", "eval_images")
-    T.at_least(args, 0, "beta", "adv_clip", "std_floor", "eval_every", "step_offset")
-    T.above(args, 0, "noise_level", why="at 0 the sampler is deterministic: no log-prob to train")
-    T.above(args, 0, "eps_clip", "train_frac")
-    T.need(args.train_frac <= 1, f"--train_frac {args.train_frac}: must be in (0, 1]")
-    T.at_least(args, 0, "sde_window")
-    T.need(args.sde_window <= args.sample_steps - 1,
+    runs.at_least(args, 2, "G", why="a group of one sample has advantage 0: nothing can learn")
+    runs.at_least(args, 2, "sample_steps", why="the last sampler step is never trained: with one, nothing is")
+    runs.at_least(args, 1, "groups", "eval_steps", "mu", "eval_images")
+    runs.at_least(args, 0, "beta", "adv_clip", "std_floor", "eval_every", "step_offset")
+    runs.above(args, 0, "noise_level", why="at 0 the sampler is deterministic: no log-prob to train")
+    runs.above(args, 0, "eps_clip", "train_frac")
+    runs.need(args.train_frac <= 1, f"--train_frac {args.train_frac}: must be in (0, 1]")
+    runs.at_least(args, 0, "sde_window")
+    runs.need(args.sde_window <= args.sample_steps - 1,
            f"--sde_window {args.sde_window}: at most --sample_steps - 1 = {args.sample_steps - 1} (the last step is never trained)")
-    T.finite(args, "cfg")
-    T.one_of(args, "scale_rewards", ("group", "batch", "none"))
+    runs.finite(args, "cfg")
+    runs.one_of(args, "scale_rewards", ("group", "batch", "none"))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    T.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
+    runs.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
            f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
     data = [("data", False)] + ([("eval_data", False)] if args.eval_every and args.eval_data else [])
-    return T.validate_run(args, "stage3", size=args.resolution, datasets=data)
-
-
-# The caption cache (--captions_per_image K): the encoder is frozen, so the captions of an image need not be
-# sampled again at every visit. Every caption comes from a seed of (seed, dataset index), never of a step, a rank or
-# a batch, so the cache and every draw from it are the same for any rank count and across --resume.
-CAPTION_CACHE = "captions.jsonl"
-CAPTION_CACHE_FORMAT = "uae-caption-cache-v1"
-
-
-class CaptionCacheError(RuntimeError):
-    """out_dir/captions.jsonl belongs to another run (data, K, sampling or encoder) or is unreadable."""
-
-
-def visited_images(n, global_batch, steps, seed, offset=0):
-    """The dataset indices training.batch_indices draws in steps [offset, offset + steps) with `global_batch`
-    images per step (groups x ranks), from its epoch permutations: every image once the run spans a full epoch."""
-    lo, hi = offset * global_batch, (offset + steps) * global_batch
-    if hi - lo >= n:
-        return list(range(n))
-    out = set()
-    for epoch in range(lo // n, (hi - 1) // n + 1):  # at most two epochs
-        perm = torch.randperm(n, generator=T.generator(seed, epoch, "batch")).tolist()
-        out.update(perm[max(lo - epoch * n, 0):min(hi - epoch * n, n)])
-    return sorted(out)
-
-
-def cache_captions(m, x, keys, args):
-    """K = args.captions_per_image captions of each image x[b] in one generate call of K rows, under a seed of its
-    dataset index keys[b] alone. -> {key: [K captions]}."""
-    K = args.captions_per_image
-    texts = m.sample_captions_seeded(x, [T.seed_of(args.seed, k, "cache_caption") for k in keys], G=K,
-                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
-    return {k: texts[b * K:(b + 1) * K] for b, k in enumerate(keys)}
-
-
-def caption_pick(seed, key, epoch, K):
-    """Which of image `key`'s K cached captions its visit in `epoch` uses: a fresh permutation of the K for every
-    K epochs, so K consecutive epochs use each caption once (an image is visited once per epoch)."""
-    return int(torch.randperm(K, generator=T.generator(seed, key, epoch // K, "caption_pick"))[epoch % K])
-
-
-def pick_captions(cache, keys, epochs, args):
-    """The caption of each visit: image keys[b] in epochs[b] -> [caption]."""
-    return [cache[k][caption_pick(args.seed, k, e, len(cache[k]))] for k, e in zip(keys, epochs)]
-
-
-def caption_cache_header(m, ds, args):
-    """What the cached captions depend on; a cache file with another header is refused, not reused."""
-    enc = hashlib.sha256()  # the encoder LoRA of every earlier stage, merged into the base encoder
-    for _, tensors in m.layers:
-        for k in sorted(t for t in tensors if t.startswith("encoder.")):
-            enc.update(k.encode())
-            enc.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    paths = "\n".join(os.path.abspath(p) for p, _ in ds.items)
-    return {"format": CAPTION_CACHE_FORMAT, "captions_per_image": args.captions_per_image, "seed": args.seed,
-            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "instruction": M.INSTRUCTION,
-            "encoder": m.base.get("encoder"), "encoder_layers": enc.hexdigest()[:16], "n_images": len(ds.items),
-            "images_sha256": hashlib.sha256(paths.encode()).hexdigest()[:16]}
-
-
-def read_caption_cache(path, header):
-    """{dataset index: [K captions]} from a cache file written for this header; {} when there is none."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        lines = [json.loads(line) for line in open(path) if line.strip()]
-        head, rows = lines[0], {int(d["i"]): list(d["captions"]) for d in lines[1:]}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CaptionCacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to caption again") from None
-    diff = {k: (head.get(k), v) for k, v in header.items() if head.get(k) != v}
-    if diff:
-        raise CaptionCacheError(
-            f"{path} holds captions of another run (this file's value, this run's): {diff}. Delete it to caption "
-            "again, or use another --out_dir (--captions_per_image 0 captions at every visit and ignores it)")
-    if any(len(c) != header["captions_per_image"] for c in rows.values()):
-        raise CaptionCacheError(f"{path}: an image has a number of captions other than {header['captions_per_image']}")
-    return rows
-
-
-def write_caption_cache(path, header, cache, ds):
-    """Header line, then one line per image in index order; written to a temporary file, then renamed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(header) + "\n")
-        for i in sorted(cache):
-            f.write(json.dumps({"i": i, "image": ds.items[i][0], "captions": cache[i]}) + "\n")
-    os.replace(tmp, path)
-
-
-def caption_cache(m, ds, args, rank, world, device):
-    """The captions of every image that steps [0, args.steps) visit: read back from out_dir/captions.jsonl, the
-    missing ones captioned now (sharded over ranks, all_gather_object, rank 0 rewrites the file).
-    -> {dataset index: [K captions]}. An unreadable image is keyed by the image that replaces it (ds.batch)."""
-    t0, path = time.time(), os.path.join(args.out_dir, CAPTION_CACHE)
-    header = caption_cache_header(m, ds, args)
-    cache = read_caption_cache(path, header)
-    need = [i for i in visited_images(len(ds), args.groups * world, args.steps, args.seed, args.step_offset)
-            if i not in cache]
-    mine, new, chunk = need[rank::world], {}, 16
-    for c in tqdm(range(0, len(mine), chunk), disable=rank != 0 or len(mine) <= chunk, desc="caption cache"):
-        ids = mine[c:c + chunk]
-        x, _, names = ds.batch(ids)
-        new.update(cache_captions(m, x.to(device), image_keys(ds, ids, names), args))
-    parts = [new]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, new)
-    n_new = sum(len(p) for p in parts)
-    for p in parts:
-        cache.update(p)
-    if rank == 0:
-        if n_new:
-            os.makedirs(args.out_dir, exist_ok=True)
-            write_caption_cache(path, header, cache, ds)
-        print(f"caption cache {path}: {len(cache) - n_new} images read back, {n_new} captioned x "
-              f"{args.captions_per_image} in {time.time() - t0:.1f} s")
-    return cache
-
-
-def image_keys(ds, idx, names):
-    """The dataset index of each image ds.batch(idx) returned: idx[b], or for an unreadable image the index of the
-    one that replaced it (names[b])."""
-    return [i if ds.items[i][0] == n else next(j for j, (p, _) in enumerate(ds.items) if p == n)
-            for i, n in zip(idx, names)]
-
-
-def visit_captions(m, cache, idx, names, x, gids, ds, args):
-    """Step 1 with the cache: the caption of each group's visit (its image, its epoch = global group id // len(ds));
-    an image missing from the cache (unreadable when it was built) is captioned now, under the same seed."""
-    keys = image_keys(ds, idx, names)
-    for b, k in enumerate(keys):
-        if k not in cache:
-            cache.update(cache_captions(m, x[b:b + 1], [k], args))
-    return pick_captions(cache, keys, [g // len(ds) for g in gids], args)
+    return runs.validate_run(args, "stage3", size=args.resolution, datasets=data)
 
 
 def main(argv=None):
-    import reward as R
-    args = T.parse_args(Args, argv)
-    args = validate(args)
+    args = validate(runs.parse_args(Args, argv))
     rank, world, device = T.dist_setup(args.seed)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ds = D.ImageDataset(args.data, args.resolution)
+    ds = images.ImageDataset(args.data, args.resolution)
     m, lora_cfg = setup(args, dtype, device)
     if args.fsdp:  # FSDP2 over the DiT's blocks (base and LoRA); every rank then runs every DiT call
         T.fsdp_shard(m, ("transformer",), dtype, world)
@@ -449,24 +271,20 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.fsdp:
         T.fsdp_track(opt, m)
-    step, skipped = 0, 0
-    if args.resume:
-        step, st_meta = T.load_train_state(args.out_dir, opt, rank, world)
-        skipped = st_meta.get("skipped", 0)
-    backbone = R.load_backbone(args.reward, args.reward_path or None, device=device)
+    reward = runs.load_reward(args.reward, args.reward_path, device)             # R(x, x~), frozen
     with torch.no_grad():
         neg = m.condition([args.negative_prompt]) if args.cfg != 1.0 else None   # frozen (1, L, D)
     sig = m.sigmas(args.sample_steps)                                             # (steps+1,) s_0 = 1 ... 0
-    log = T.RunLog(args.out_dir, master, asdict(args), args.wandb, args.tensorboard, resume=args.resume, step=step,
-                   overwrite=args.overwrite)
+    step, meta, log = runs.start(args, opt, rank, world)                          # --resume: optimizer, RNG
+    skipped = meta.get("skipped", 0)
     if master:
         print(f"stage 3: {len(ds)} images, {world} rank(s), {args.groups}x{args.G} samples/rank/step, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable DiT LoRA params, dtype {args.dtype}")
     G, ev = args.G, {}
-    eval_ds = D.ImageDataset(args.eval_data, args.resolution) if args.eval_every and args.eval_data else ds
-    cache = caption_cache(m, ds, args, rank, world, device) if args.captions_per_image > 0 else None
+    eval_ds = images.ImageDataset(args.eval_data, args.resolution) if args.eval_every and args.eval_data else ds
+    cache = CC.caption_cache(m, ds, args, rank, world, device) if args.captions_per_image > 0 else None
     if args.eval_every and not args.resume:
-        log.log(step, evaluate(m, eval_ds, neg, backbone, args, rank, world, device, ev))
+        log.log(step, evaluate(m, eval_ds, neg, reward, args, rank, world, device, ev))
     pbar = tqdm(total=args.steps, initial=step, disable=not master, desc="stage3")
     while step < args.steps:
         clock = T.Clock()
@@ -478,7 +296,7 @@ def main(argv=None):
         # 1. Caption: the frozen encoder's caption of each image, one of its K cached ones (or a fresh one with
         #    --captions_per_image 0); c = g(H(y)), frozen
         if cache is not None:
-            caps = visit_captions(m, cache, idx, names, x, gids, ds, args)
+            caps = CC.visit_captions(m, cache, idx, names, x, gids, ds, args)
         else:
             caps = caption_groups(m, x, [T.seed_of(args.seed, t, g, "caption") for g in gids], args)
         with torch.no_grad():
@@ -493,9 +311,9 @@ def main(argv=None):
         with torch.no_grad():
             recon = m.vae_decode(z)                                               # (N, 3, H, W)
         clock.tick("decode")
-        # 3. Reward: r = cos(f(x), f(x~)), no grad; gathered so that every rank sees the whole batch
+        # 3. Reward: r = R(x, x~), e.g. cos(f(x), f(x~)), no grad; gathered so that every rank sees the whole batch
         with torch.no_grad():
-            r = backbone.similarity(x.float().repeat_interleave(G, 0), recon.float()).float()   # (N,)
+            r = reward(x.repeat_interleave(G, 0), recon, [c for c in caps for _ in range(G)])   # (N,)
         r_all = T.gather(r, world)
         clock.tick("reward")
         # 4. Advantage: (r - mean_G r) / (max(std_G r, floor) + eps), clamped to +-adv_clip
@@ -546,10 +364,9 @@ def main(argv=None):
         if master and args.sample_every and step % args.sample_every == 0:
             write_samples(os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), x, recon, caps, r, G)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.log(step, evaluate(m, eval_ds, neg, backbone, args, rank, world, device, ev))
+            log.log(step, evaluate(m, eval_ds, neg, reward, args, rank, world, device, ev))
         if step % args.save_every == 0 or step == args.steps:
-            T.save_train_state(args.out_dir, m, asdict(args), step, opt, {"transformer": lora_cfg}, rank, world,
-                               "stage3", extra_meta={"skipped": skipped})
+            runs.save(args, m, step, opt, {"transformer": lora_cfg}, rank, world, "stage3", extra_meta={"skipped": skipped})
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -563,10 +380,10 @@ def setup(args, dtype, device):
     """The policy: earlier stages merged (encoder and projector frozen), this stage's DiT LoRA live
     (fresh, the same on every rank; or the checkpoint's with --resume). -> (m, lora_cfg)."""
     if args.resume:
-        m = M.load_uae(init=args.out_dir, dtype=dtype, device=device, resume=True)
-        lora_cfg = M.read_checkpoint(args.out_dir)[0]["layers"][-1]["transformer"]
+        m = runs.load_model(init=args.out_dir, dtype=dtype, device=device, resume=True)
+        lora_cfg = runs.live_lora(args.out_dir)["transformer"]
     else:
-        m = M.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+        m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)  # the same fresh adapter on every rank
@@ -614,7 +431,7 @@ def log_line(step, met, skipped):
 
 
 @torch.no_grad()
-def evaluate(m, ds, neg, backbone, args, rank, world, device, cache):
+def evaluate(m, ds, neg, reward, args, rank, world, device, cache):
     """Fixed evaluation: eval_images samples (sample i: image i mod len(ds), the eval data; its own caption seed
     and noise; split over ranks), captions sampled once (the encoder is frozen), Euler ODE with
     eval_steps. -> {"eval/reward": mean over all eval samples}."""
@@ -622,13 +439,13 @@ def evaluate(m, ds, neg, backbone, args, rank, world, device, cache):
     if "cond" not in cache and ids:
         x, _, _ = ds.batch(ids)
         caps = caption_groups(m, x.to(device), [T.seed_of(args.seed, i, "eval_caption") for i in ids], args)
-        cache.update(x=x.to(device), cond=m.condition(caps), noise=torch.cat([
+        cache.update(x=x.to(device), caps=caps, cond=m.condition(caps), noise=torch.cat([
             torch.randn((1,) + m.latent_shape(args.resolution, args.resolution),
                         generator=T.generator(args.seed, i, "eval_noise")) for i in ids]).to(device))
     tot = 0.0
     if ids:
         z = m.sample_ode(cache["noise"], cache["cond"], neg, args.eval_steps, args.cfg)
-        tot = backbone.similarity(cache["x"].float(), m.vae_decode(z).float()).sum().item()
+        tot = reward(cache["x"], m.vae_decode(z), cache["caps"]).sum().item()
     s = T.allreduce_metrics({"sum": tot, "n": float(len(ids))}, world)
     return {"eval/reward": s["sum"] / max(s["n"], 1e-9)}
 
@@ -638,8 +455,8 @@ def write_samples(path, x, recon, caps, r, G):
     B = x.shape[0]
     cols = [x] + [recon.view(B, G, *recon.shape[1:])[:, g] for g in range(G)]
     rg = r.view(B, G).tolist()
-    D.save_grid(path, cols, [f"r: {' '.join(f'{v:.3f}' for v in rg[b])} | {caps[b]}" for b in range(B)])
+    images.save_grid(path, cols, [f"r: {' '.join(f'{v:.3f}' for v in rg[b])} | {caps[b]}" for b in range(B)])
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

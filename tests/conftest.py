@@ -20,16 +20,16 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_paths():
-    import model
-    return model.tiny_paths()
+    from tools import tiny
+    return tiny.tiny_paths()
 
 
 @pytest.fixture()
 def tiny_uae(tiny_paths):
     """A fresh tiny UAE (loading takes ~0.3 s once the preset is built)."""
-    import model
+    import runs
     torch.manual_seed(0)
-    return model.load_uae(preset="tiny")
+    return runs.load_model(preset="tiny")
 
 
 @pytest.fixture(scope="session")

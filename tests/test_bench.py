@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
 import stage3_grpo_gen as S3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ PHASES = {"stage2": ["generate", "condition+reconstruct", "reward", "reference",
 def run_bench(tmp_path, *extra):
     out = tmp_path / "b.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # UAE_HOME: the session's, where conftest built the tiny preset
-    p = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--quick", "--out", str(out), *extra],
+    p = subprocess.run([sys.executable, "tools/bench.py", "--preset", "tiny", "--quick", "--out", str(out), *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.load(open(out)), p.stdout
@@ -103,6 +103,6 @@ def test_verdict_is_calibrated():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_real_preset_refuses_cpu(tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", "--preset", "real", "--out", str(tmp_path / "r.json")],
+    p = subprocess.run([sys.executable, "tools/bench.py", "--preset", "real", "--out", str(tmp_path / "r.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "needs a CUDA GPU" in p.stderr and not (tmp_path / "r.json").exists()

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tools import tiny
 import model as M
+import caption_cache as CC
 import stage3_grpo_gen as S
 import training as T
 from test_stage3 import TINY, lora_of, train_logs
@@ -35,7 +37,7 @@ def data(tmp_path_factory):
 
 
 def read_cache(out):
-    lines = [json.loads(l) for l in open(os.path.join(out, S.CAPTION_CACHE))]
+    lines = [json.loads(l) for l in open(os.path.join(out, CC.CAPTION_CACHE))]
     return lines[0], {d["i"]: d["captions"] for d in lines[1:]}
 
 
@@ -46,7 +48,7 @@ def test_cached_greedy_captions_train_to_the_same_weights(data, tmp_path):
     a, b = str(tmp_path / "fly"), str(tmp_path / "cached")
     S.main(run + ["--captions_per_image", "0", "--out_dir", a])
     S.main(run + ["--captions_per_image", "1", "--out_dir", b])
-    assert not os.path.exists(os.path.join(a, S.CAPTION_CACHE))
+    assert not os.path.exists(os.path.join(a, CC.CAPTION_CACHE))
     head, caps = read_cache(b)
     assert head["captions_per_image"] == 1 and sorted(caps) == list(range(6))
     la, lb = lora_of(a), lora_of(b)
@@ -71,7 +73,7 @@ def test_cached_k_captions_train_like_the_same_captions_on_the_fly(data, tmp_pat
         idx = T.batch_indices(len(ds_items), args.groups, step, args.seed)
         gids = [step * args.groups + k for k in range(args.groups)]
         seen.append(idx)
-        return S.pick_captions(caps, idx, [g // len(ds_items) for g in gids], args)
+        return CC.pick_captions(caps, idx, [g // len(ds_items) for g in gids], args)
 
     monkeypatch.setattr(S, "caption_groups", from_the_cache)
     fly = str(tmp_path / "fly")
@@ -87,9 +89,9 @@ def test_cache_is_read_back_extended_on_resume_and_refuses_another_run(data, tmp
     run = TINY + ["--data", data, "--groups", "2", "--captions_per_image", "2", "--out_dir", out]
     S.main(run + ["--steps", "1"])                                  # 2 of the 6 images visited: only they are captioned
     head, caps = read_cache(out)
-    visited = S.visited_images(6, 2, 1, 0)
+    visited = CC.visited_images(6, 2, 1, 0)
     assert sorted(caps) == visited and len(visited) == 2 and all(len(c) == 2 for c in caps.values())
-    assert head["n_images"] == 6 and head["temperature"] == 0.7 and head["encoder"] == M.tiny_paths()[0]
+    assert head["n_images"] == 6 and head["temperature"] == 0.7 and head["encoder"] == tiny.tiny_paths()[0]
     S.main(run + ["--steps", "3", "--resume"])                     # 6 visited by step 3: the rest are added
     _, caps3 = read_cache(out)
     assert sorted(caps3) == list(range(6)) and all(caps3[i] == caps[i] for i in caps)
@@ -100,18 +102,18 @@ def test_cache_is_read_back_extended_on_resume_and_refuses_another_run(data, tmp
     monkeypatch.setattr(M.UAE, "sample_captions_seeded", no_captioning)
     S.main(run + ["--steps", "3", "--overwrite"])                  # a rerun in the same out_dir reads it back
     for flag, value in (("--captions_per_image", "3"), ("--temperature", "1.0"), ("--seed", "1")):
-        with pytest.raises(S.CaptionCacheError, match=flag.lstrip("-")):
+        with pytest.raises(CC.CaptionCacheError, match=flag.lstrip("-")):
             S.main(run + ["--steps", "3", flag, value, "--overwrite"])
     monkeypatch.undo()
     other = tmp_path / "other-data"                                # another image list, same out_dir
     other.mkdir()
     Image.open(os.path.join(data, "img0.png")).save(other / "img0.png")
-    with pytest.raises(S.CaptionCacheError, match="n_images"):
+    with pytest.raises(CC.CaptionCacheError, match="n_images"):
         S.main(TINY + ["--data", str(other), "--groups", "2", "--captions_per_image", "2", "--out_dir", out, "--steps", "1",
                        "--overwrite"])
-    with open(os.path.join(out, S.CAPTION_CACHE), "a") as f:
+    with open(os.path.join(out, CC.CAPTION_CACHE), "a") as f:
         f.write("{not json\n")
-    with pytest.raises(S.CaptionCacheError, match="unreadable"):
+    with pytest.raises(CC.CaptionCacheError, match="unreadable"):
         S.main(run + ["--steps", "3", "--overwrite"])
 
 
@@ -119,17 +121,17 @@ def test_visited_images_are_the_batches_of_the_run():
     for n, g, steps, off in ((10, 2, 3, 0), (10, 4, 3, 0), (7, 3, 5, 0), (5, 1, 5, 0), (10, 3, 2, 2), (10, 2, 3, 4),
                              (9, 4, 1, 2), (7, 3, 2, 1)):  # with --step_offset: within an epoch and across two
         want = sorted({i for s in range(off, off + steps) for i in T.batch_indices(n, g, s, 0)})
-        assert S.visited_images(n, g, steps, 0, off) == want, (n, g, steps, off)
+        assert CC.visited_images(n, g, steps, 0, off) == want, (n, g, steps, off)
 
 
 def test_each_of_k_captions_once_per_k_epochs():
     for K in (1, 3, 8):
         for key in (0, 5):
-            picks = [S.caption_pick(0, key, e, K) for e in range(3 * K)]
+            picks = [CC.caption_pick(0, key, e, K) for e in range(3 * K)]
             for c in range(3):
                 assert sorted(picks[c * K:(c + 1) * K]) == list(range(K))
-    assert [S.caption_pick(0, 0, e, 8) for e in range(8)] != [S.caption_pick(0, 1, e, 8) for e in range(8)]
-    assert [S.caption_pick(0, 0, e, 8) for e in range(8)] != list(range(8))
+    assert [CC.caption_pick(0, 0, e, 8) for e in range(8)] != [CC.caption_pick(0, 1, e, 8) for e in range(8)]
+    assert [CC.caption_pick(0, 0, e, 8) for e in range(8)] != list(range(8))
 
 
 def test_an_unreadable_image_uses_the_captions_of_the_one_that_replaces_it(data, tmp_path):

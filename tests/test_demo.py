@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
 
 def demo(*args):
-    r = subprocess.run([sys.executable, "demo.py", "--quick", *args], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "tools/demo.py", "--quick", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -93,7 +93,7 @@ def test_a_forked_phase_runs_as_a_fresh_interpreter_would(tmp_path):
     """demo.run_forked: the script runs as __main__ with its own argv, sys.path[0] and the repo root as working
     directory, writes to the log, and its exit code is the interpreter's (a message: printed, 1; a traceback: 1)."""
     sys.path.insert(0, ROOT)
-    import demo
+    from tools import demo
     script = tmp_path / "phase.py"
     script.write_text("import os, sys\n"
                       "print('argv', sys.argv[1:], 'cwd', os.getcwd(), 'path0', sys.path[0], 'main', __name__)\n"

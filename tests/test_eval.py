@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import runs
+import checkpoint as ck
 import eval_unified as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +75,11 @@ def test_pairing_by_stem(tmp_path):
     for n in ("a.jpg", "b.png", "c.png", "b.jpeg", "notes.txt", ".hidden.png"):
         (tmp_path / n).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    src, problems = ev.list_images(str(tmp_path))
+    ignored = []
+    src, problems = ev.list_images(str(tmp_path), ignored)
     assert sorted(src) == ["a", "b", "c"] and src["b"].endswith("b.jpeg")  # sorted: b.jpeg before b.png
-    assert {os.path.basename(p["file"]): p["reason"][:12] for p in problems} == {"b.png": "same stem as", "notes.txt": "not an image"}
+    assert {os.path.basename(p["file"]): p["reason"][:12] for p in problems} == {"b.png": "same stem as"}
+    assert [os.path.basename(p) for p in ignored] == ["notes.txt"]   # not a source, not a problem
     pairs, problems = ev.pair_by_stem({"a": "s/a.jpg", "b": "s/b.png", "c": "s/c.png"}, {"a": "r/a.png", "b": "r/b.png", "d": "r/d.png"})
     assert pairs == [("a", "s/a.jpg", "r/a.png"), ("b", "s/b.png", "r/b.png")]
     assert {p["file"]: p["reason"] for p in problems} == {"s/c.png": "no reconstruction with this stem",
@@ -101,7 +105,9 @@ def test_identical_folders_score_100(tmp_path):
         assert res["backbones"][b]["mean"] == pytest.approx(100, abs=1e-3), b
         assert all(row["scores"][b] == pytest.approx(100, abs=1e-3) for row in res["per_image"])
     assert res["summary"]["overall"] == pytest.approx(100, abs=1e-3)
-    assert "| ours: recon: " in r.stdout and "86.09" in r.stdout
+    assert "| ours: recon: " in r.stdout and "| UAE (paper)" not in r.stdout   # tiny backbones: not comparable
+    assert "note: not comparable with the paper's Unified-Bench (86.09): random tiny weights for clip" in r.stdout
+    assert not res["comparable_with_paper"]
 
 
 def test_bad_inputs_are_reported_not_fatal(tmp_path):
@@ -116,13 +122,14 @@ def test_bad_inputs_are_reported_not_fatal(tmp_path):
     res = load_json(out)
     assert res["summary"]["n"] == 2 and sorted(row["name"] for row in res["per_image"]) == ["good1", "good2"]
     reasons = {os.path.basename(p["file"]): p["reason"] for p in res["problems"]}
-    assert set(reasons) == {"garbage.png", "notes.txt", "lonely.png", "orphan.png", "badrec.png"}
+    assert set(reasons) == {"garbage.png", "lonely.png", "orphan.png", "badrec.png"}
+    assert [os.path.basename(p) for p in res["ignored"]] == ["notes.txt"] and res["summary"]["n_ignored"] == 1
     assert reasons["garbage.png"].startswith("unreadable source") and reasons["badrec.png"].startswith("unreadable reconstruction")
-    assert reasons["notes.txt"].startswith("not an image") and "no reconstruction" in reasons["lonely.png"]
-    assert "no source" in reasons["orphan.png"] and res["summary"]["n_problems"] == 5
+    assert "no reconstruction" in reasons["lonely.png"]
+    assert "no source" in reasons["orphan.png"] and res["summary"]["n_problems"] == 4
     for name in reasons:
         assert name in r.stdout
-    assert "2 pairs scored, 5 problems" in r.stdout
+    assert "2 pairs scored, 4 problems" in r.stdout
 
 
 def test_empty_folder_writes_json_and_exits_2(tmp_path):
@@ -192,15 +199,14 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_resume_refuses_a_rewritten_checkpoint(tmp_path):
     """A stage rerun into the same out_dir publishes a new checkpoint under the same path: a bench folder made from
     the old one must not be reused for it (it was, silently, before settings.json pinned the checkpoint)."""
-    import model as M
     run_dir, out = tmp_path / "run", str(tmp_path / "bench")
     run_dir.mkdir()
     os.makedirs(out)
-    M.save_checkpoint(str(run_dir / "ckpt"), M.load_uae(preset="tiny"), {"stage": "test"})
+    ck.save_checkpoint(str(run_dir / "ckpt"), runs.load_model(preset="tiny"), {"stage": "test"})
     ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)
     ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)  # the same checkpoint: resumes
     time.sleep(0.01)
-    M.save_checkpoint(str(run_dir / "ckpt"), M.load_uae(preset="tiny"), {"stage": "test"})
+    ck.save_checkpoint(str(run_dir / "ckpt"), runs.load_model(preset="tiny"), {"stage": "test"})
     with pytest.raises(SystemExit, match="other settings.*checkpoint"):
         ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import export
-import data as D
+import runs
+import checkpoint as ck
+from tools import export
+import images
 import model as M
 
 STEPS, MAX_NEW = 4, 16
@@ -28,7 +30,7 @@ def randomize_lora(mod, seed):
 
 def stage(path, init, seed, transformer_full=False):
     """A stage's checkpoint: load `init` (earlier layers merged), add a fresh encoder + DiT LoRA, save it live."""
-    m = M.load_uae(init=init) if init else M.load_uae(preset="tiny")
+    m = runs.load_model(init=init) if init else runs.load_model(preset="tiny")
     if transformer_full:  # a --dit_full lineage: the DiT's own weights are trained too
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -40,7 +42,7 @@ def stage(path, init, seed, transformer_full=False):
     randomize_lora(m.encoder, seed + 100)
     randomize_lora(m.transformer, seed + 200)
     os.makedirs(path, exist_ok=True)
-    M.save_checkpoint(os.path.join(path, "ckpt"), m, {"stage": f"s{seed}", "step": seed}, cfg, transformer_full)
+    ck.save_checkpoint(os.path.join(path, "ckpt"), m, {"stage": f"s{seed}", "step": seed}, cfg, transformer_full)
     return str(path)
 
 
@@ -131,12 +133,12 @@ CAPTION = "a red circle at the top left of a blue background"
 def test_encoder_round_trip(run, merged, pics):
     """The merged encoder, loaded with plain transformers, samples the run's seeded captions token for token."""
     u8, x = pics
-    m = M.load_uae(init=run)
+    m = runs.load_model(init=run)
     r = m.sample_captions_seeded(x, [3, 4], temperature=0.7, max_new_tokens=MAX_NEW)
     enc, proc = plain_encoder(merged)
     same_ids(plain_captions(enc, proc, u8, [3, 4]), r)
     assert all(r.texts) and r.texts[0] != r.texts[1]
-    base = M.load_uae(preset="tiny")  # and it is not the base model: the LoRAs are in it
+    base = runs.load_model(preset="tiny")  # and it is not the base model: the LoRAs are in it
     k = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(enc.state_dict()[k], base.encoder.state_dict()[k])
     assert torch.equal(enc.state_dict()[k], m.encoder.state_dict()[k])
@@ -145,7 +147,7 @@ def test_encoder_round_trip(run, merged, pics):
 def test_decoder_round_trip_cfg1(run, merged):
     """StableDiffusion3Pipeline (SD3's own attention) given our condition == UAE.generate_images at CFG 1:
     the same sigmas, Euler steps and VAE decode; latents and images compared."""
-    m = M.load_uae(init=run)
+    m = runs.load_model(init=run)
     pipe = pipeline(merged)
     assert "Masked" not in type(next(iter(pipe.transformer.attn_processors.values()))).__name__
     cond = m.condition([CAPTION])
@@ -166,7 +168,7 @@ def test_decoder_round_trip_cfg(run, merged):
     """CFG 5: the pipeline stacks [negative, caption], which must have equal lengths.
     (a) equal token lengths, SD3's own attention: == UAE; (b) different lengths padded, our masked
     processor + the mask as joint_attention_kwargs: == UAE; (c) padded with SD3's own attention: differs."""
-    m = M.load_uae(init=run)
+    m = runs.load_model(init=run)
     pipe = pipeline(merged)
     neg = m.condition([M.NEGATIVE_PROMPT])
     same = "a red circle"
@@ -195,7 +197,7 @@ def test_peft_adapters_round_trip(run, merged, adapters, pics):
     u8, x = pics
     for sub in ("encoder/adapter", "decoder/transformer_lora"):
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(f"{adapters}/{sub}"))
-    live = M.load_uae(init=run, resume=True)  # the run with its last layer live, as training left it
+    live = runs.load_model(init=run, resume=True)  # the run with its last layer live, as training left it
     assert M.has_lora(live.encoder) and M.has_lora(live.transformer)
     enc, proc = plain_encoder(adapters, adapter=True)
     assert isinstance(enc, PeftModel)
@@ -222,8 +224,8 @@ def test_transformer_full_lineage(tmp_path_factory, run):
     """A checkpoint holding the DiT's full weights (--dit_full) plus a live LoRA on top exports both."""
     d = tmp_path_factory.mktemp("full")
     full = stage(d / "s3", run, 3, transformer_full=True)
-    assert M.read_checkpoint(full)[0]["transformer_full"]
-    m = M.load_uae(init=full)
+    assert ck.read_checkpoint(full)[0]["transformer_full"]
+    m = runs.load_model(init=full)
     cond = m.condition([CAPTION])
     ref = m.generate_images([CAPTION], steps=STEPS, cfg=1.0, seed=7)
     for flags, adapter in (((), False), (("--keep_adapters",), True)):
@@ -244,8 +246,8 @@ def test_readme_lines_run(which, request, run, pics, tmp_path, monkeypatch):
     Image.fromarray(u8[0].permute(1, 2, 0).numpy()).save("x.png")
     ns = {}
     exec("\n".join(blocks), ns)
-    m = M.load_uae(init=run, resume=which == "adapters")
-    x0 = D.load_image("x.png", 64)[None]
+    m = runs.load_model(init=run, resume=which == "adapters")
+    x0 = images.load_image("x.png", 64)[None]
     cap = m.sample_captions_seeded(x0, [0], temperature=0.7, max_new_tokens=MAX_NEW).texts[0]
     assert ns["caption"] == cap
     cfg = 1.0 if which == "merged" else 5.0
@@ -271,10 +273,10 @@ def test_user_errors(run, pics, tmp_path, capsys):
                         "--temperature", "0"]) == 0
     assert not (out / "stale.txt").exists() and (out / "decoder" / "model_index.json").exists()
     u8, x = pics  # greedy captions (a generation config without sampling fields) match too
-    r = M.load_uae(init=run).sample_captions_seeded(x[:1], [0], temperature=0, max_new_tokens=6)
+    r = runs.load_model(init=run).sample_captions_seeded(x[:1], [0], temperature=0, max_new_tokens=6)
     same_ids(plain_captions(*plain_encoder(out), u8[:1], [0]), r)
     # the script itself: status 2, no traceback
-    p = subprocess.run([sys.executable, "export.py", "--out", str(out)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "tools/export.py", "--out", str(out)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: --init is required: a run directory "
                                                                    "(or its ckpt/) written by a stage script"]

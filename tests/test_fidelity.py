@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
+import runs
+import checkpoint as ck
 import training as T
 import stage1_coldstart as S1
 import stage2_grpo_und as S2
@@ -78,7 +79,7 @@ def test_rollouts_ignore_a_poisoned_generation_config(tiny_paths, tmp_path, imag
     shutil.copytree(tiny_paths[0], enc)
     cfg = json.load(open(enc / "generation_config.json")) if (enc / "generation_config.json").exists() else {}
     json.dump({**cfg, **POISON}, open(enc / "generation_config.json", "w"))
-    m = M.load_uae(preset="tiny", encoder=str(enc))
+    m = runs.load_model(preset="tiny", encoder=str(enc))
     torch.manual_seed(0)
     r, scores = m.sample_captions(images, G=4, max_new_tokens=12, output_scores=True)
     lp_sample = torch.log_softmax(scores.float(), -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
@@ -96,7 +97,7 @@ def _stage2_args(tmp_path, data, out, **kw):
 
 
 def _weights(out):
-    return M.read_checkpoint(out)[1]
+    return ck.read_checkpoint(out)[1]
 
 
 def _same(a, b):
@@ -161,18 +162,18 @@ def test_pooled_embedding_is_sd3s_own_encode_prompt_of_empty(tiny_paths, tmp_pat
     with torch.no_grad():
         _, _, pooled, _ = pipe.encode_prompt(prompt="", prompt_2=None, prompt_3=None, device="cpu",
                                              do_classifier_free_guidance=False)
-    m = M.load_uae(preset="tiny")
+    m = runs.load_model(preset="tiny")
     assert pooled.shape == (1, m.pooled.numel()) and pooled.abs().sum() > 0
     assert torch.allclose(m.pooled, pooled[0].float(), atol=1e-6)
     # saved with a checkpoint, and back
-    M.save_checkpoint(str(tmp_path / "ck"), m, {})
-    assert torch.equal(M.load_uae(init=str(tmp_path / "ck")).pooled, m.pooled)
+    ck.save_checkpoint(str(tmp_path / "ck"), m, {})
+    assert torch.equal(runs.load_model(init=str(tmp_path / "ck")).pooled, m.pooled)
     # a decoder folder without SD3's text encoders: zeros, and one line says so
     bare = tmp_path / "bare"
     for sub in ("transformer", "vae", "scheduler"):
         shutil.copytree(os.path.join(dec, sub), bare / sub)
     capsys.readouterr()
-    z = M.load_uae(preset="tiny", decoder=str(bare))
+    z = runs.load_model(preset="tiny", decoder=str(bare))
     assert z.pooled.abs().sum() == 0 and "pooled projection is zeros" in capsys.readouterr().out
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
+import images
+import checkpoint as ck
 import training as T
 import stage1_coldstart as S
 from test_stage1 import ROOT, args_for, cli, env, free_port, make_jsonl, read_log
@@ -81,7 +82,7 @@ def test_fsdp_two_ranks_equal_unsharded_one_rank(runs):
     assert not any(k.startswith("optim.") for k in load_file(f"{runs['two']}/ckpt/weights.safetensors"))
     assert os.path.isfile(f"{runs['two']}/ckpt/sharded/.metadata")
     assert not [n for n in os.listdir(runs["two"]) if n.startswith(".ckpt")]   # the staging folder moved in
-    back = M.load_uae(init=runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
+    back = runs.load_model(init=runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
     assert torch.equal(back.transformer.transformer_blocks[0].attn.to_q.weight,
                        w2["transformer.transformer_blocks.0.attn.to_q.weight"])
 
@@ -142,14 +143,14 @@ def test_clip_without_sharded_params_is_torchs():
 def test_resume_on_another_rank_count_needs_fsdp_and_the_global_batch():
     meta = {"path": "x", "world": 2, "optim_sharded": True, "args": {"batch_size": 1, "grad_accum": 2}}
     a = args_for(fsdp=True, batch_size=2, grad_accum=2)                   # 1 rank x 2 x 2 = 2 ranks x 1 x 2
-    assert T.resharded_resume(a, meta, 1, "stage1") == {"batch_size", "grad_accum"}
-    assert T.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=4), meta, 1, "stage1")
-    with pytest.raises(T.UsageError, match="global batch of 4"):
-        T.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=2), meta, 1, "stage1")
-    with pytest.raises(T.UsageError, match="same number of ranks"):
-        T.resharded_resume(args_for(fsdp=False, batch_size=2, grad_accum=2), meta, 1, "stage1")
-    with pytest.raises(T.UsageError, match="same number of ranks"):
-        T.resharded_resume(a, {**meta, "optim_sharded": False}, 1, "stage1")
+    assert runs.resharded_resume(a, meta, 1, "stage1") == {"batch_size", "grad_accum"}
+    assert runs.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=4), meta, 1, "stage1")
+    with pytest.raises(runs.UsageError, match="global batch of 4"):
+        runs.resharded_resume(args_for(fsdp=True, batch_size=1, grad_accum=2), meta, 1, "stage1")
+    with pytest.raises(runs.UsageError, match="same number of ranks"):
+        runs.resharded_resume(args_for(fsdp=False, batch_size=2, grad_accum=2), meta, 1, "stage1")
+    with pytest.raises(runs.UsageError, match="same number of ranks"):
+        runs.resharded_resume(a, {**meta, "optim_sharded": False}, 1, "stage1")
 
 
 def test_fsdp_checkpoint_needs_fsdp_to_resume(tmp_path, tiny_paths):
@@ -157,11 +158,11 @@ def test_fsdp_checkpoint_needs_fsdp_to_resume(tmp_path, tiny_paths):
     a = args_for(data=data, out_dir=str(tmp_path / "o"), objective="fm", steps=2, stop_after=1, fsdp=True)
     S.main(a)
     assert os.path.isdir(tmp_path / "o" / "ckpt" / "sharded")
-    with pytest.raises(T.UsageError, match=r"--fsdp True \(given False\)"):      # named before anything loads
+    with pytest.raises(runs.UsageError, match=r"--fsdp True \(given False\)"):      # named before anything loads
         S.main(args_for(**{**vars(a), "fsdp": False, "resume": True, "stop_after": 0}))
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])                  # and load_train_state's own guard
-    with pytest.raises(M.CheckpointError, match="resume with --fsdp"):
-        T.load_train_state(str(tmp_path / "o"), opt, 0, 1)
+    with pytest.raises(images.CheckpointError, match="resume with --fsdp"):
+        ck.load_train_state(str(tmp_path / "o"), opt, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- stages 2 and 3
@@ -212,6 +213,6 @@ def test_stage2_fsdp_two_ranks_equal_one_rank(tmp_path):
         for k in ("reward/mean", "loss/policy", "eval/reward"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], abs=1e-5), k
-    wa, wb = M.read_checkpoint(one)[1], M.read_checkpoint(two)[1]
+    wa, wb = ck.read_checkpoint(one)[1], ck.read_checkpoint(two)[1]
     lora = [k for k in wa if "lora_" in k]
     assert lora and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in lora)

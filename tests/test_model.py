@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-import data as D
+import runs
+import checkpoint as ck
+import images
 import model as M
 import training as T
 
 
 def test_tiny_preset_round_trip_is_exact(tiny_paths, tmp_path):
     """build -> save_pretrained -> from_pretrained gives bit-identical weights for every part."""
-    a, b = M.load_uae(preset="tiny"), M.load_uae(preset="tiny")
+    a, b = runs.load_model(preset="tiny"), runs.load_model(preset="tiny")
     for part in ("encoder", "transformer", "vae"):
         sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
         assert sa.keys() == sb.keys() and len(sa) > 0
@@ -22,7 +24,7 @@ def test_tiny_preset_round_trip_is_exact(tiny_paths, tmp_path):
     # the same code path re-saves and reloads a model (what a real checkpoint goes through)
     a.encoder.save_pretrained(tmp_path / "enc")
     a.processor.save_pretrained(tmp_path / "enc")
-    c = M.load_uae(encoder=str(tmp_path / "enc"), preset="tiny")
+    c = runs.load_model(encoder=str(tmp_path / "enc"), preset="tiny")
     assert all(torch.equal(v, c.encoder.state_dict()[k]) for k, v in a.encoder.state_dict().items())
     assert c.tokenizer.convert_tokens_to_ids("<|im_end|>") == a.eos_id
 
@@ -165,60 +167,59 @@ def test_checkpoint_round_trip_resume_and_merge(tiny_uae, tmp_path):
     enc_cfg = M.add_lora(m.encoder, 4, 8, M.ENCODER_LORA_TARGETS)
     dit_cfg = M.add_lora(m.transformer, 4, 8, M.DIT_LORA_TARGETS)
     _perturbed(m)
-    M.save_checkpoint(str(tmp_path / "s1"), m, {"stage": "stage1", "args": {}}, {"encoder": enc_cfg, "transformer": dit_cfg})
+    ck.save_checkpoint(str(tmp_path / "s1"), m, {"stage": "stage1", "args": {}}, {"encoder": enc_cfg, "transformer": dit_cfg})
     files = sorted(os.listdir(tmp_path / "s1"))
     assert files == ["uae.json", "weights.safetensors"]
     caps, z = ["a red circle"], torch.randn(1, 16, 8, 8)
     with torch.no_grad():
         want = m.velocity(z, 0.5, m.condition(caps))
-        live = M.load_uae(init=str(tmp_path / "s1"), resume=True)     # adapters live: bit-exact
+        live = runs.load_model(init=str(tmp_path / "s1"), resume=True)     # adapters live: bit-exact
         assert M.has_lora(live.encoder) and M.has_lora(live.transformer)
         assert torch.equal(live.velocity(z, 0.5, live.condition(caps)), want)
-        merged = M.load_uae(init=str(tmp_path / "s1"))                # next stage: adapters merged
+        merged = runs.load_model(init=str(tmp_path / "s1"))                # next stage: adapters merged
         assert not M.has_lora(merged.encoder)
         assert torch.allclose(merged.velocity(z, 0.5, merged.condition(caps)), want, atol=1e-4)
     # a stage-2 checkpoint on top carries stage 1's layer along: self-contained
     e2 = M.add_lora(merged.encoder, 4, 8, M.ENCODER_LORA_TARGETS)
     _perturbed(merged)
-    M.save_checkpoint(str(tmp_path / "s2"), merged, {"stage": "stage2"}, {"encoder": e2})
+    ck.save_checkpoint(str(tmp_path / "s2"), merged, {"stage": "stage2"}, {"encoder": e2})
     meta = json.load(open(tmp_path / "s2" / "uae.json"))
     assert len(meta["layers"]) == 2 and meta["layers"][0]["transformer"] is not None
     with torch.no_grad():
         want2 = merged.velocity(z, 0.5, merged.condition(caps))
-        again = M.load_uae(init=str(tmp_path / "s2"), resume=True)
+        again = runs.load_model(init=str(tmp_path / "s2"), resume=True)
         assert torch.equal(again.velocity(z, 0.5, again.condition(caps)), want2)
     # only what was trained is stored: far smaller than the models
     assert os.path.getsize(tmp_path / "s2" / "weights.safetensors") < 2e6
 
 
 def test_bad_checkpoints_give_clear_errors(tiny_uae, tmp_path):
-    with pytest.raises(M.CheckpointError, match="no uae.json"):
-        M.load_uae(init=str(tmp_path))
-    M.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "x"})
+    with pytest.raises(images.CheckpointError, match="no uae.json"):
+        runs.load_model(init=str(tmp_path))
+    ck.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "x"})
     w = tmp_path / "c" / "weights.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
-    with pytest.raises(M.CheckpointError, match="truncated"):
-        M.load_uae(init=str(tmp_path / "c"))
-    M.save_checkpoint(str(tmp_path / "d"), tiny_uae, {"stage": "x"})
+    with pytest.raises(images.CheckpointError, match="truncated"):
+        runs.load_model(init=str(tmp_path / "c"))
+    ck.save_checkpoint(str(tmp_path / "d"), tiny_uae, {"stage": "x"})
     meta = json.load(open(tmp_path / "d" / "uae.json"))
     meta["arch"]["hidden"] = 2048
     json.dump(meta, open(tmp_path / "d" / "uae.json", "w"))
-    with pytest.raises(M.CheckpointError, match="another architecture"):
-        M.load_uae(init=str(tmp_path / "d"))
+    with pytest.raises(images.CheckpointError, match="another architecture"):
+        runs.load_model(init=str(tmp_path / "d"))
 
 
 def test_checkpoint_write_is_atomic(tiny_uae, tmp_path, monkeypatch):
-    M.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "a"})
-    import safetensors.torch
+    ck.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "a"})
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(ck, "save_file", boom)
     with pytest.raises(OSError):
-        M.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "b"})
+        ck.save_checkpoint(str(tmp_path / "c"), tiny_uae, {"stage": "b"})
     assert json.load(open(tmp_path / "c" / "uae.json"))["stage"] == "a"   # the old one is intact
-    M.read_checkpoint(str(tmp_path / "c"))
+    ck.read_checkpoint(str(tmp_path / "c"))
 
 
 def test_load_image_modes_and_errors(tmp_path):
@@ -229,29 +230,29 @@ def test_load_image_modes_and_errors(tmp_path):
     Image.new("L", (20, 20), 128).save(tmp_path / "l.jpg")
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     for f in ("rgba.png", "g16.png", "p.gif", "l.jpg"):
-        x = D.load_image(str(tmp_path / f), 32)
+        x = images.load_image(str(tmp_path / f), 32)
         assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1, f
-    assert torch.allclose(D.load_image(str(tmp_path / "rgba.png"), 8), torch.ones(3, 8, 8))  # transparent -> white
-    assert D.load_image(str(tmp_path / "g16.png"), 32).std() > 0.1                           # 16-bit rescaled
-    with pytest.raises(D.ImageError, match="bad.png"):
-        D.load_image(str(tmp_path / "bad.png"), 32)
-    ds = D.ImageDataset(str(tmp_path), 16)
+    assert torch.allclose(images.load_image(str(tmp_path / "rgba.png"), 8), torch.ones(3, 8, 8))  # transparent -> white
+    assert images.load_image(str(tmp_path / "g16.png"), 32).std() > 0.1                           # 16-bit rescaled
+    with pytest.raises(images.ImageError, match="bad.png"):
+        images.load_image(str(tmp_path / "bad.png"), 32)
+    ds = images.ImageDataset(str(tmp_path), 16)
     x, caps, names = ds.batch(range(len(ds)))
     assert len(names) == len(ds) and str(tmp_path / "bad.png") in ds.bad
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        D.ImageDataset(str(tmp_path / "nowhere"), 16)
+        images.ImageDataset(str(tmp_path / "nowhere"), 16)
 
 
 def test_jsonl_dataset_and_missing_captions(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "red"}) + "\n" + json.dumps({"image": "a.png"}) + "\n")
-    ds = D.ImageDataset(str(tmp_path / "d.jsonl"), 8)
+    ds = images.ImageDataset(str(tmp_path / "d.jsonl"), 8)
     assert ds.items[0][1] == "red"
     with pytest.raises(ValueError, match="no caption"):
-        D.ImageDataset(str(tmp_path / "d.jsonl"), 8, need_captions=True)
+        images.ImageDataset(str(tmp_path / "d.jsonl"), 8, need_captions=True)
     (tmp_path / "e.jsonl").write_text("{broken\n")
     with pytest.raises(ValueError, match="e.jsonl:1"):
-        D.ImageDataset(str(tmp_path / "e.jsonl"), 8)
+        images.ImageDataset(str(tmp_path / "e.jsonl"), 8)
 
 
 def test_batch_indices_split_the_global_batch():
@@ -273,19 +274,19 @@ def test_full_dit_lineage_survives_later_lora_stages(tiny_uae, tmp_path):
     with torch.no_grad():
         for p in m.transformer.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    M.save_checkpoint(str(tmp_path / "full"), m, {"stage": "s1"}, transformer_full=True)
+    ck.save_checkpoint(str(tmp_path / "full"), m, {"stage": "s1"}, transformer_full=True)
     z, caps = torch.randn(1, 16, 8, 8), ["a red circle"]
     with torch.no_grad():
         want = m.velocity(z, 0.5, m.condition(caps))
-        a = M.load_uae(init=str(tmp_path / "full"))
+        a = runs.load_model(init=str(tmp_path / "full"))
         assert torch.equal(a.velocity(z, 0.5, a.condition(caps)), want)
     e2 = M.add_lora(a.transformer, 4, 8, M.DIT_LORA_TARGETS)
     _perturbed(a)
-    M.save_checkpoint(str(tmp_path / "s3"), a, {"stage": "s3"}, {"transformer": e2})
+    ck.save_checkpoint(str(tmp_path / "s3"), a, {"stage": "s3"}, {"transformer": e2})
     assert json.load(open(tmp_path / "s3" / "uae.json"))["transformer_full"]
     with torch.no_grad():
         want = a.velocity(z, 0.5, a.condition(caps))
-        b = M.load_uae(init=str(tmp_path / "s3"), resume=True)
+        b = runs.load_model(init=str(tmp_path / "s3"), resume=True)
         assert torch.equal(b.velocity(z, 0.5, b.condition(caps)), want)
 
 

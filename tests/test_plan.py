@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def test_real_plan_and_the_readme_table(tmp_path, tiny_paths):
     """bench.py --preset real --plan on CPU (~1.5 min on 2 quiet cores): a verdict per stage; the README shows its
     table as printed (rerun it and paste the table when the models or the launch lines change)."""
     out = tmp_path / "plan.json"
-    p = subprocess.run([sys.executable, "bench.py", "--preset", "real", "--plan", "--out", str(out)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "tools/bench.py", "--preset", "real", "--plan", "--out", str(out)], cwd=ROOT,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     plan = json.load(open(out))

@@ -14,8 +14,11 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import runs
+import images
+import checkpoint as ck
 import model as M
-import released as R
+from tools import released as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +71,7 @@ def release(tmp_path_factory, tiny_paths):
     """(release dir, native checkpoint dir, SD3 base dir) holding one set of random weights."""
     root = tmp_path_factory.mktemp("released")
     torch.manual_seed(1)
-    m = M.load_uae(preset="tiny")
+    m = runs.load_model(preset="tiny")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a released DiT and projector unlike the base's
         for p in list(m.transformer.parameters()) + list(m.projector.parameters()):
@@ -80,7 +83,7 @@ def release(tmp_path_factory, tiny_paths):
             if "lora_B" in n:
                 p.normal_(0, 0.02, generator=g)
     native = str(root / "native")
-    M.save_checkpoint(native, m, {"stage": "test"}, m.layers_cfg, transformer_full=True)
+    ck.save_checkpoint(native, m, {"stage": "test"}, m.layers_cfg, transformer_full=True)
     return write_release(m, *tiny_paths, str(root / "UAE")), native, tiny_paths[1]
 
 
@@ -100,13 +103,13 @@ def test_keys_of_every_known_spelling():
 
 def test_release_equals_native(release, images):
     rel, native, sd3 = release
-    a = M.load_uae(init=native)
-    b = M.load_uae(init=f"released:{rel}", decoder=sd3)
+    a = runs.load_model(init=native)
+    b = runs.load_model(init=f"released:{rel}", decoder=sd3)
     for part in ("encoder", "projector", "transformer"):
         sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert torch.equal(a.pooled, b.pooled)
-    base = M.load_uae(preset="tiny")  # the release is not the base model: both LoRAs and the DiT are in
+    base = runs.load_model(preset="tiny")  # the release is not the base model: both LoRAs and the DiT are in
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base.encoder.state_dict()[q], b.encoder.state_dict()[q])
     kw = dict(temperature=1.0, max_new_tokens=12)
@@ -155,7 +158,7 @@ def test_every_key_is_accounted_for(release, tmp_path, case):
     copy = shutil.copytree(rel, tmp_path / "UAE")
     for p in [path] if isinstance(path, str) else path:
         _edit(os.path.join(copy, p), edit) if edit else os.remove(os.path.join(copy, p))
-    with pytest.raises(M.CheckpointError) as e:
+    with pytest.raises(images.CheckpointError) as e:
         R.convert(str(copy), str(tmp_path / "out"), sd3)
     assert all(w in str(e.value) for w in words), str(e.value)
     assert not os.path.exists(tmp_path / "out")  # nothing half-written is left
@@ -186,5 +189,5 @@ def test_scripts_run_from_release(release, tmp_path):
     run("stage2_grpo_und.py", *init, *tiny, "--batch_size", 1, "--micro_batch", 2, "--cfg", 1.0, "--out_dir", tmp_path / "s2")
     run("stage3_grpo_gen.py", *init, *tiny, "--groups", 1, "--eval_steps", 2, "--out_dir", tmp_path / "s3")
     for s in ("s2", "s3"):
-        meta, _ = M.read_checkpoint(str(tmp_path / s))
-        assert meta["step"] == 2 and meta["base"]["encoder"].startswith(M.UAE_HOME), meta["base"]
+        meta, _ = ck.read_checkpoint(str(tmp_path / s))
+        assert meta["step"] == 2 and meta["base"]["encoder"].startswith(images.UAE_HOME), meta["base"]

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data as D
+import runs
+import checkpoint as ck
+import images
 import eval_unified as ev
-import model as M
 import stage1_coldstart as S1
 import stage2_grpo_und as S2
 import stage3_grpo_gen as S3
-import training as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # stage 3, as tests/test_stage3.py runs it: 32 px, 4 SDE steps, short captions, no eval / pictures
@@ -44,7 +44,7 @@ def train_logs(out):
 
 
 def live_lora(out):
-    meta, t = M.read_checkpoint(out)
+    meta, t = ck.read_checkpoint(out)
     live = f"layer{len(meta['layers']) - 1}."
     return {k: v for k, v in t.items() if k.startswith(live)}
 
@@ -85,19 +85,19 @@ def test_one_reader_for_every_mode(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)   # 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode == "I;16"
-    x = D.read_image(str(tmp_path / "g16.png"))
+    x = images.read_image(str(tmp_path / "g16.png"))
     want = torch.from_numpy(np.round(ramp / 65535 * 255) / 255).float()
     assert torch.allclose(x[0], want, atol=1e-6) and torch.equal(x[0], x[2])       # scaled, not clipped white
     # 'I' (32-bit int): 16-bit data scaled by 65535, 8-bit data widened scaled by 255
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i16.tif")
     Image.fromarray((ramp // 257).astype(np.int32)).save(tmp_path / "i8.tif")
     assert Image.open(tmp_path / "i16.tif").mode == "I"
-    assert torch.allclose(D.read_image(str(tmp_path / "i16.tif"))[0], want, atol=1e-6)
-    assert torch.allclose(D.read_image(str(tmp_path / "i8.tif"))[0], torch.from_numpy(ramp // 257).float() / 255)
+    assert torch.allclose(images.read_image(str(tmp_path / "i16.tif"))[0], want, atol=1e-6)
+    assert torch.allclose(images.read_image(str(tmp_path / "i8.tif"))[0], torch.from_numpy(ramp // 257).float() / 255)
     # float TIFF in [0, 1]
     f = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     Image.fromarray(f).save(tmp_path / "f.tif")
-    assert torch.allclose(D.read_image(str(tmp_path / "f.tif"))[1], torch.from_numpy(f), atol=0.5 / 255 + 1e-6)
+    assert torch.allclose(images.read_image(str(tmp_path / "f.tif"))[1], torch.from_numpy(f), atol=0.5 / 255 + 1e-6)
     # alpha on white: RGBA, LA, palette with a transparent index; CMYK converted
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
     Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "la.png")
@@ -105,9 +105,9 @@ def test_one_reader_for_every_mode(tmp_path):
     p.putpalette([0, 0, 0] * 256)
     p.save(tmp_path / "p.png", transparency=3)
     for name in ("rgba.png", "la.png", "p.png"):
-        assert torch.equal(D.read_image(str(tmp_path / name)), torch.ones(3, 8, 8)), name
+        assert torch.equal(images.read_image(str(tmp_path / name)), torch.ones(3, 8, 8)), name
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
-    c = D.read_image(str(tmp_path / "c.jpg"))[:, 4, 4]
+    c = images.read_image(str(tmp_path / "c.jpg"))[:, 4, 4]
     assert c[0] > 0.9 and c[1] < 0.1 and c[2] < 0.1                                  # red
     # EXIF orientation 6 (rotate 90 CW to view): a landscape-stored phone photo stands upright
     a = np.zeros((20, 40, 3), np.uint8)
@@ -117,15 +117,15 @@ def test_one_reader_for_every_mode(tmp_path):
     exif = im.getexif()
     exif[0x0112] = 6
     im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    up = D.read_image(str(tmp_path / "phone.jpg"))
+    up = images.read_image(str(tmp_path / "phone.jpg"))
     assert up.shape == (3, 40, 20)
     assert up[0, 5, 10] > 0.8 and up[2, 35, 10] > 0.8                                # red on top, blue below
     # training (load_image at a size), eval (read_rgb at native size) and read_image agree
     for name in ("g16.png", "f.tif", "rgba.png", "phone.jpg"):
         path = str(tmp_path / name)
-        assert torch.equal(ev.read_rgb(path), D.read_image(path)), name
-        assert torch.equal(D.load_image(path, 16), D.read_image(path, 16)), name
-    assert D.load_image(str(tmp_path / "phone.jpg"), 16)[0, 2, 8] > 0.8              # upright in training too
+        assert torch.equal(ev.read_rgb(path), images.read_image(path)), name
+        assert torch.equal(images.load_image(path, 16), images.read_image(path, 16)), name
+    assert images.load_image(str(tmp_path / "phone.jpg"), 16)[0, 2, 8] > 0.8              # upright in training too
 
 
 def test_fifo_and_pixel_cap_are_refused_by_name(tmp_path):
@@ -133,11 +133,11 @@ def test_fifo_and_pixel_cap_are_refused_by_name(tmp_path):
     os.mkfifo(fifo)
     signal.alarm(20)  # a regression would block in open(); fail instead of hanging the suite
     try:
-        for f in (D.read_image, D.check_image):
-            with pytest.raises(D.ImageError, match=r"x\.png: not a regular file"):
+        for f in (images.read_image, images.check_image):
+            with pytest.raises(images.ImageError, match=r"x\.png: not a regular file"):
                 f(str(fifo))
-        with pytest.raises(D.DataError, match=r"x\.png is not a regular file"):
-            D.ImageDataset(str(tmp_path), 16)
+        with pytest.raises(images.DataError, match=r"x\.png is not a regular file"):
+            images.ImageDataset(str(tmp_path), 16)
         Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
         files, problems = ev.list_images(str(tmp_path))
         assert list(files) == ["ok"] and "not a regular file" in problems[0]["reason"]
@@ -155,11 +155,11 @@ def test_fifo_and_pixel_cap_are_refused_by_name(tmp_path):
     # the cap is read from the header: a PNG claiming 20000 x 20000 with no pixel data is refused as too
     # large (not as truncated), and the default cap sits well under PIL's own decompression-bomb limits
     _png_header_only(tmp_path / "huge.png", 20000, 20000)
-    with pytest.raises(D.ImageError, match=r"huge\.png: 20000 x 20000 = 400\.0 MP is over the pixel cap of 67\.1 MP"):
-        D.read_image(str(tmp_path / "huge.png"))
-    with pytest.raises(D.ImageError, match=r"ok\.png: 8 x 8 = 0\.0 MP is over the pixel cap"):
-        D.read_image(str(tmp_path / "ok.png"), max_pixels=63)
-    assert D.MAX_PIXELS < Image.MAX_IMAGE_PIXELS < 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(images.ImageError, match=r"huge\.png: 20000 x 20000 = 400\.0 MP is over the pixel cap of 67\.1 MP"):
+        images.read_image(str(tmp_path / "huge.png"))
+    with pytest.raises(images.ImageError, match=r"ok\.png: 8 x 8 = 0\.0 MP is over the pixel cap"):
+        images.read_image(str(tmp_path / "ok.png"), max_pixels=63)
+    assert images.MAX_PIXELS < Image.MAX_IMAGE_PIXELS < 2 * Image.MAX_IMAGE_PIXELS
 
 
 def test_jsonl_is_parsed_in_full_with_file_and_line(tmp_path):
@@ -171,28 +171,28 @@ def test_jsonl_is_parsed_in_full_with_file_and_line(tmp_path):
              '{"image": "a.png"': r"d\.jsonl:2: not JSON"}
     for line, msg in cases.items():
         (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\n' + line + "\n\n")
-        with pytest.raises(D.DataError, match=msg):
-            D.ImageDataset(str(tmp_path / "d.jsonl"), 8)
+        with pytest.raises(images.DataError, match=msg):
+            images.ImageDataset(str(tmp_path / "d.jsonl"), 8)
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\n\n{"image": "a.png"}\n')
-    assert len(D.ImageDataset(str(tmp_path / "d.jsonl"), 8)) == 2
+    assert len(images.ImageDataset(str(tmp_path / "d.jsonl"), 8)) == 2
 
 
 def test_trim_log(tmp_path):
     p = tmp_path / "log.jsonl"
     p.write_text("".join(json.dumps({"step": s, "v": s}) + "\n" for s in (0, 1, 2, 2, 3)) + '{"step": 4, "v"')
-    T.trim_log(str(p), 2)
+    ck.trim_log(str(p), 2)
     assert [json.loads(ln)["step"] for ln in p.read_text().splitlines()] == [0, 1, 2, 2]
     before = p.stat().st_mtime_ns
-    T.trim_log(str(p), 2)
+    ck.trim_log(str(p), 2)
     assert p.stat().st_mtime_ns == before                                  # nothing to drop: not rewritten
 
 
 # ---------------------------------------------------------------------------------------------- user errors
 
 def _uerr(fn, *args, match=None):
-    with pytest.raises(T.USER_ERRORS) as e:
+    with pytest.raises(runs.USER_ERRORS) as e:
         fn(*args)
-    assert "\n" not in T.one_line(e.value)
+    assert "\n" not in runs.one_line(e.value)
     if match:
         assert match in str(e.value), str(e.value)
     return str(e.value)
@@ -248,7 +248,7 @@ def test_a_failed_run_changes_nothing(ref3, data, tmp_path):
           match="written by 'stage3', not stage1")
     assert snapshot(ref3) == before
     # harmless flags may change on resume
-    ok = T.parse_args(S3.Args, base + ["--data", data, "--resume", "--save_every", "7", "--log_every", "5", "--steps", "9",
+    ok = runs.parse_args(S3.Args, base + ["--data", data, "--resume", "--save_every", "7", "--log_every", "5", "--steps", "9",
                                        "--eval_every", "3", "--wandb", ""])
     assert S3.validate(ok).resume
 
@@ -257,11 +257,11 @@ def test_resume_refuses_a_checkpoint_without_rng_and_other_changes(tmp_path, dat
     out = str(tmp_path / "r")
     common = TINY3 + ["--data", data, "--out_dir", out]
     S3.main(common + ["--steps", "1"])
-    os.remove(os.path.join(T.ckpt_dir(out), "rng0.safetensors"))
+    os.remove(os.path.join(ck.ckpt_dir(out), "rng0.safetensors"))
     before = snapshot(out)
     _uerr(S3.main, common + ["--steps", "2", "--resume"], match="no RNG state for rank 0")
-    with pytest.raises(M.CheckpointError, match="no RNG state for rank 0"):   # and the loader itself, were it reached
-        T.load_train_state(out, torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), 0, 1)
+    with pytest.raises(images.CheckpointError, match="no RNG state for rank 0"):   # and the loader itself, were it reached
+        ck.load_train_state(out, torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), 0, 1)
     assert snapshot(out) == before
 
 
@@ -282,10 +282,10 @@ def test_stage1_resume_names_dit_full_and_objective(tmp_path, data):
 
 
 def test_check_checkpoint_names_what_is_wrong(ref3, tmp_path):
-    T.check_checkpoint(ref3)
-    T.check_checkpoint(os.path.join(ref3, "ckpt"))
+    ck.check_checkpoint(ref3)
+    ck.check_checkpoint(os.path.join(ref3, "ckpt"))
     bad = tmp_path / "c"
-    shutil.copytree(T.ckpt_dir(ref3), bad)
+    shutil.copytree(ck.ckpt_dir(ref3), bad)
     meta = json.load(open(bad / "uae.json"))
     w = (bad / "weights.safetensors").read_bytes()
     cases = [("uae.json", "{garbage", "is corrupt"), ("uae.json", json.dumps({**meta, "layers": None}), "no 'layers'"),
@@ -296,9 +296,9 @@ def test_check_checkpoint_names_what_is_wrong(ref3, tmp_path):
              ("weights.safetensors", w[: len(w) // 2], "truncated"), ("weights.safetensors", b"", "truncated")]
     for name, content, msg in cases:
         shutil.rmtree(bad)
-        shutil.copytree(T.ckpt_dir(ref3), bad)
+        shutil.copytree(ck.ckpt_dir(ref3), bad)
         (bad / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        _uerr(T.check_checkpoint, str(bad), match=msg)
+        _uerr(ck.check_checkpoint, str(bad), match=msg)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -332,12 +332,12 @@ def _crash_at(monkeypatch, phase, save_no):
     def unpublished(tmp, path):
         raise Killed(phase)
 
-    monkeypatch.setattr(T, "_crash_hook", hook)
+    monkeypatch.setattr(ck, "_crash_hook", hook)
     if phase == "weights-partial":
-        monkeypatch.setattr(st, "save_file", partial_save)
+        monkeypatch.setattr(ck, "save_file", partial_save)
     if phase == "weights-unpublished":
-        monkeypatch.setattr(M, "atomic_publish", lambda tmp, path: unpublished(tmp, path) if n["saves"] == save_no
-                            else D.atomic_publish(tmp, path))
+        monkeypatch.setattr(ck, "atomic_publish", lambda tmp, path: unpublished(tmp, path) if n["saves"] == save_no
+                            else images.atomic_publish(tmp, path))
 
 
 @pytest.mark.parametrize("phase,save_no", [(p, 2) for p in PHASES] + [("weights", 1), ("published", 1)])
@@ -350,14 +350,14 @@ def test_checkpoint_write_killed_at_every_phase(phase, save_no, ref3, data, tmp_
     with pytest.raises(Killed):
         S3.main(common + ["--steps", "3"])
     monkeypatch.undo()
-    cur = T.ckpt_dir(out)
+    cur = ck.ckpt_dir(out)
     if cur is None:                                                       # the first write died before its publish
         assert save_no == 1 and phase != "published"
     else:
-        meta, _ = M.read_checkpoint(out)
+        meta, _ = ck.read_checkpoint(out)
         assert meta["step"] in (save_no - 1, save_no) and meta["step"] >= 1
         assert meta["step"] == (save_no if phase in ("published", "done") else save_no - 1)
-        T.check_checkpoint(out)
+        ck.check_checkpoint(out)
     S3.main(common + ["--steps", "3", "--resume"])
     assert train_logs(out) == train_logs(ref3)                            # every logged number, exactly
     la, lb = live_lora(ref3), live_lora(out)
@@ -376,10 +376,10 @@ def test_checkpoint_folder_of_an_earlier_version_and_the_gap(tmp_path, ref3, dat
     out = str(tmp_path / "old")
     common = TINY3 + ["--data", data, "--save_every", "1", "--out_dir", out]
     S3.main(common + ["--steps", "2"])
-    target = T.ckpt_dir(out)
+    target = ck.ckpt_dir(out)
     os.remove(os.path.join(out, "ckpt"))
     os.rename(target, os.path.join(out, "ckpt.legacy"))                   # the gap: no ckpt, a ckpt.legacy
-    assert M.read_checkpoint(T.ckpt_dir(out))[0]["step"] == 2            # ckpt_dir finishes the publish
+    assert ck.read_checkpoint(ck.ckpt_dir(out))[0]["step"] == 2            # ckpt_dir finishes the publish
     os.remove(os.path.join(out, "ckpt"))
     os.rename(os.path.join(out, "ckpt.legacy"), os.path.join(out, "ckpt"))   # a real folder, as before links
     S3.main(common + ["--steps", "3", "--resume"])
@@ -393,7 +393,7 @@ def test_overwrite_replaces_the_run(tmp_path, data):
     os.makedirs(os.path.join(out, ".ckpt-stale"))
     open(os.path.join(out, "notes.txt"), "w").write("mine")
     S3.main(TINY3 + ["--data", data, "--steps", "1", "--out_dir", out, "--overwrite"])
-    assert [d["step"] for d in logs(out)] == [1] and M.read_checkpoint(out)[0]["step"] == 1
+    assert [d["step"] for d in logs(out)] == [1] and ck.read_checkpoint(out)[0]["step"] == 1
     assert _listing(out) == ["ckpt", "ckpt.000001", "log.jsonl", "notes.txt"]   # other files are left alone
 
 
@@ -483,15 +483,16 @@ def test_bare_commands_and_torchrun(tmp_path):
 
 KILLER = """import os, signal, sys
 sys.path.insert(0, {root!r})
-import training as T
+import checkpoint as ck
+import runs
 n = [0]
 def hook(name):
     n[0] += name == "begin"
     if n[0] == 2 and name == os.environ["KILL_AT"]:
         os.kill(os.getpid(), signal.SIGKILL)
-T._crash_hook = hook
+ck._crash_hook = hook
 import stage3_grpo_gen as S
-T.cli(S.main)
+runs.cli(S.main)
 """
 
 
@@ -506,7 +507,7 @@ def test_kill_9_during_a_checkpoint_write(phase, ref3, data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KILL_AT": phase}
     p = subprocess.run([sys.executable, str(killer), *common], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    assert M.read_checkpoint(out)[0]["step"] == 1 and any(n.startswith(".ckpt-link") for n in os.listdir(out)) == (phase == "link-made")
+    assert ck.read_checkpoint(out)[0]["step"] == 1 and any(n.startswith(".ckpt-link") for n in os.listdir(out)) == (phase == "link-made")
     r = _run("stage3_grpo_gen.py", *common, "--resume", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert train_logs(out) == train_logs(ref3)
@@ -522,11 +523,11 @@ def test_two_ranks_checkpoint_every_rng_and_resume(data, tmp_path):
     for out, steps in ((one, 3), (two, 2)):
         r = _run("stage3_grpo_gen.py", *common, "--out_dir", out, "--steps", steps, torchrun=2, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(f for f in os.listdir(T.ckpt_dir(two)) if f.startswith("rng")) == ["rng0.safetensors", "rng1.safetensors"]
+    assert sorted(f for f in os.listdir(ck.ckpt_dir(two)) if f.startswith("rng")) == ["rng0.safetensors", "rng1.safetensors"]
     r = _run("stage3_grpo_gen.py", *common, "--out_dir", two, "--steps", 3, "--resume", torchrun=2, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert train_logs(one) == train_logs(two)
-    os.remove(os.path.join(T.ckpt_dir(two), "rng1.safetensors"))
+    os.remove(os.path.join(ck.ckpt_dir(two), "rng1.safetensors"))
     r = _run("stage3_grpo_gen.py", *common, "--out_dir", two, "--steps", 4, "--resume", torchrun=2, timeout=300)
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode != 0 and len(ours) == 1 and "no RNG state for rank 1" in ours[0]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import reward
-from model import CheckpointError
+from reward import RewardError as CheckpointError
+from tools import tiny
 
 ALL = reward.BACKBONES  # clip, longclip, dinov2, dinov3, pixel
 
@@ -13,7 +14,7 @@ ALL = reward.BACKBONES  # clip, longclip, dinov2, dinov3, pixel
 @pytest.fixture(scope="session")
 def backbones():
     """name -> tiny backbone, built once under the test session's $UAE_HOME."""
-    paths = reward.tiny_backbone_paths()
+    paths = tiny.tiny_backbone_paths()
     return {n: reward.load_backbone(n, paths.get(n)) for n in ALL}
 
 
@@ -21,7 +22,7 @@ def backbones():
 def built(tmp_path_factory):
     """Two fresh builds with different seeds: seed -> name -> path."""
     root = tmp_path_factory.mktemp("tiny-bb")
-    return {s: reward.build_tiny_backbones(str(root / f"seed{s}"), seed=s) for s in (0, 1)}
+    return {s: tiny.build_tiny_backbones(str(root / f"seed{s}"), seed=s) for s in (0, 1)}
 
 
 def pair(seed=0, H=48, W=80):
@@ -162,8 +163,8 @@ def test_pickle_checkpoints_refused(tmp_path, monkeypatch, backbones, name, ext)
     if name == "clip":  # an open_clip dir whose only weights are a pickle
         d = tmp_path / "clipdir"
         d.mkdir()
-        tiny = reward.tiny_backbone_paths()["clip"]
-        (d / "open_clip_config.json").write_text(open(os.path.join(tiny, "open_clip_config.json")).read())
+        tiny_clip = tiny.tiny_backbone_paths()["clip"]
+        (d / "open_clip_config.json").write_text(open(os.path.join(tiny_clip, "open_clip_config.json")).read())
         os.rename(f, d / f"open_clip_pytorch_model{ext}")
         with pytest.raises(CheckpointError, match="clip backbone: no .safetensors.*refused"):
             reward.load_backbone("clip", str(d))
@@ -172,7 +173,7 @@ def test_pickle_checkpoints_refused(tmp_path, monkeypatch, backbones, name, ext)
 @pytest.mark.parametrize("name", reward.BENCH_BACKBONES)
 def test_bf16_close_to_fp32(backbones, name):
     a, _ = pair()
-    bb16 = reward.load_backbone(name, "tiny", dtype=torch.bfloat16)
+    bb16 = reward.load_backbone(name, tiny.tiny_backbone_paths()[name], dtype=torch.bfloat16)
     f16 = bb16(a)
     assert f16.dtype == torch.float32 and next(bb16.parameters()).dtype == torch.bfloat16
     assert (f16 * backbones[name](a)).sum(-1).min() > 0.98

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import runs
+import checkpoint as ck
 import model as M
 import training as T
 import stage1_coldstart as S
@@ -187,16 +189,16 @@ def test_dit_full_on_top_of_dit_lora_saves_faithfully(tmp_path, tiny_paths):
     for n, p in m.transformer.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
-    M.save_checkpoint(str(tmp_path / "ck"), m, {}, cfg)
+    ck.save_checkpoint(str(tmp_path / "ck"), m, {}, cfg)
     m2, _, _ = S.setup(args_for(objective="fm", dit_full=True, init=str(tmp_path / "ck")), torch.device("cpu"))
     with torch.no_grad():
         for p in m2.transformer.parameters():
             p.add_(0.01)
-    M.save_checkpoint(str(tmp_path / "full"), m2, {}, transformer_full=True)
+    ck.save_checkpoint(str(tmp_path / "full"), m2, {}, transformer_full=True)
     z, caps = torch.randn(1, 16, 8, 8), ["a red circle"]
     with torch.no_grad():
         want = m2.velocity(z, 0.5, m2.condition(caps))
-        back = M.load_uae(init=str(tmp_path / "full"))
+        back = runs.load_model(init=str(tmp_path / "full"))
         assert torch.allclose(back.velocity(z, 0.5, back.condition(caps)), want, atol=1e-5)
 
 
@@ -222,8 +224,8 @@ def test_nonfinite_step_is_skipped(tiny_paths, images):
 def test_grad_ckpt_same_loss_and_grads(tiny_paths, images):
     import reward
     res = []
-    for ck in (False, True):
-        a = args_for(objective="sem", grad_ckpt=ck, train_encoder_lora=True)   # LVLM, DiT and VAE decoder
+    for gc in (False, True):
+        a = args_for(objective="sem", grad_ckpt=gc, train_encoder_lora=True)   # LVLM, DiT and VAE decoder
         m, params, _ = S.setup(a, torch.device("cpu"))
         loss, _ = S.micro_losses(m, a, reward.load_backbone("pixel"), images, None, 0, [0, 1])
         loss.backward()

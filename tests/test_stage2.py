@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data as D
+import checkpoint as ck
+import images
 import model as M
 import stage2_grpo_und as S
 
@@ -152,7 +153,7 @@ def test_grpo_raises_the_reward_of_an_environment_that_reads_captions(tmp_path, 
 
     def reading_env(m, texts, noise, neg, args):
         q = torch.tensor([sum(c.isascii() and c.isalpha() for c in t) / max(len(t), 1) for t in texts])[:, None, None, None]
-        src = D.load_image(os.path.join(args.data, "0.png"), args.resolution)[None]
+        src = images.load_image(os.path.join(args.data, "0.png"), args.resolution)[None]
         return q * src + (1 - q) * distractor
 
     monkeypatch.setattr(S, "reconstruct", reading_env)
@@ -219,8 +220,8 @@ def test_two_ranks_equal_one_rank(tmp_path):
         for k in ("reward/mean", "loss/policy", "loss/kl", "caption/tokens_mean", "eval/reward", "eval/words_mean"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], abs=1e-5), k
-    wa = M.read_checkpoint(str(tmp_path / "one"))[1]
-    wb = M.read_checkpoint(str(tmp_path / "two"))[1]
+    wa = ck.read_checkpoint(str(tmp_path / "one"))[1]
+    wb = ck.read_checkpoint(str(tmp_path / "two"))[1]
     lora = [k for k in wa if "lora_" in k]
     assert lora and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in lora)
     assert any(not torch.equal(wa[k], torch.zeros_like(wa[k])) for k in lora if "lora_B" in k)

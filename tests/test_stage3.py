@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data as D
+import runs
+import checkpoint as ck
+import images
 import model as M
-import training as T
+import caption_cache as CC
 import stage3_grpo_gen as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +35,7 @@ def train_logs(out_dir):
 
 
 def lora_of(out_dir):
-    meta, t = M.read_checkpoint(out_dir)
+    meta, t = ck.read_checkpoint(out_dir)
     live = f"layer{len(meta['layers']) - 1}.transformer."
     return {k: v for k, v in t.items() if k.startswith(live)}
 
@@ -197,7 +199,7 @@ def test_only_the_dit_lora_changes_and_checkpoint(data, tmp_path):
     out = str(tmp_path / "run")
     m = S.main(TINY + ["--data", data, "--groups", "2", "--steps", "2", "--lr", "3e-2", "--out_dir", out,
                        "--sample_every", "2"])
-    fresh = M.load_uae(preset="tiny")
+    fresh = runs.load_model(preset="tiny")
     trained = {k.replace(".base_layer", ""): v for k, v in m.state_dict().items() if "lora_" not in k}
     ref = fresh.state_dict()
     assert set(trained) == set(ref)
@@ -226,7 +228,7 @@ def test_sde_window_and_step_offset_runs(data, tmp_path):
     rows = train_logs(out)
     assert {k for k in rows[0] if k.startswith("loss/step_")} == {"loss/step_0", "loss/step_1"}
     assert rows[0]["ratio/min"] == rows[0]["ratio/max"] == 1.0
-    with pytest.raises(T.UsageError, match="--sde_window 4"):
+    with pytest.raises(runs.UsageError, match="--sde_window 4"):
         S.main(TINY + ["--data", data, "--steps", "1", "--out_dir", str(tmp_path / "x"), "--sde_window", "4"])
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     S.main(TINY + ["--data", data, "--groups", "2", "--steps", "2", "--lr", "0", "--out_dir", a])
@@ -247,7 +249,7 @@ def test_eval_data_is_the_fixed_eval_set(data, tmp_path):
     ev = lambda o: [d["eval/reward"] for d in logs(str(tmp_path / o)) if "eval/reward" in d]
     assert len(ev("b")) == 2 and ev("b")[0] == ev("b")[1]   # lr 0: the same model, the same fixed set
     assert ev("a")[0] != ev("b")[0]
-    with pytest.raises(D.DataNotFound, match="--eval_data .*missing.*no such file"):
+    with pytest.raises(images.DataNotFound, match="--eval_data .*missing.*no such file"):
         S.main(run + ["--out_dir", str(tmp_path / "c"), "--eval_data", str(tmp_path / "missing")])
 
 
@@ -330,7 +332,7 @@ def test_two_ranks_equal_one_rank(data, tmp_path, ref_run):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a, b = train_logs(ref_run), train_logs(out)
     assert len(a) == len(b) == 4
-    cache = [open(os.path.join(d, S.CAPTION_CACHE)).read() for d in (ref_run, out)]   # captioned by 2 ranks == by 1
+    cache = [open(os.path.join(d, CC.CAPTION_CACHE)).read() for d in (ref_run, out)]   # captioned by 2 ranks == by 1
     assert cache[0] == cache[1] and cache[0].count("\n") == 1 + 4
     for da, db in zip(a, b):
         assert da.keys() == db.keys()

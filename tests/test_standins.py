@@ -37,7 +37,7 @@ def built(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uae(built):
     out, _ = built
-    return model.load_uae(encoder=f"{out}/encoder", decoder=f"{out}/decoder")
+    return model.load_uae(f"{out}/encoder", f"{out}/decoder")
 
 
 def test_artifacts_load_through_the_stage_loaders(built, uae):

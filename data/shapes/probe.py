@@ -26,10 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import data as D  # noqa: E402
-import model as M  # noqa: E402
+import images  # noqa: E402
 import prepare  # noqa: E402
 import reward as R  # noqa: E402
+import runs  # noqa: E402
 import training as T  # noqa: E402
 from standins import pil_tensor  # noqa: E402
 from stage3_grpo_gen import sde_sample  # noqa: E402
@@ -59,7 +59,7 @@ def edits(rec, rng):
 @torch.no_grad()
 def reward_probe(clip, m, val, recs, size):
     rng, acc = random.Random(0), {}
-    X = torch.stack([D.load_image(os.path.join(val, r["image"]), size) for r in recs])
+    X = torch.stack([images.load_image(os.path.join(val, r["image"]), size) for r in recs])
     acc["VAE reconstruction"] = clip.similarity(X, m.vae_decode(m.vae_encode(X))).tolist()
     for i, r in enumerate(recs):
         for k, im in edits(r, rng).items():
@@ -106,11 +106,11 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     run, val = os.path.abspath(a.run), os.path.join(os.path.abspath(a.run), "shapes", "val")
     recs = [json.loads(line) for line in open(os.path.join(val, "captions.jsonl"))][:a.n]
-    X = torch.stack([D.load_image(os.path.join(val, r["image"]), a.resolution) for r in recs])
+    X = torch.stack([images.load_image(os.path.join(val, r["image"]), a.resolution) for r in recs])
     clip = R.load_backbone("clip", os.path.join(run, "standins", "clip"))
     res = {}
     for st in a.stages.split(","):
-        m = M.load_uae(init=os.path.join(run, st))  # a name under --run, or any checkpoint folder's path
+        m = runs.load_model(init=os.path.join(run, st))  # a name under --run, or any checkpoint folder's path
         m.eval()
         if not res:
             res["reward"] = reward_probe(clip, m, val, recs, a.resolution)

@@ -5,7 +5,7 @@ a random captioner writes noise; docs/algorithm.md §9):
 
     python data/shapes/prepare.py
     python data/shapes/standins.py --data data/shapes --out out/standins --seed 0
-    # model.load_uae(encoder="out/standins/encoder", decoder="out/standins/decoder")
+    # model.load_uae("out/standins/encoder", "out/standins/decoder")
     # reward.load_backbone("clip", "out/standins/clip")
 
 writes <out>/encoder      Qwen2.5-VL captioner (save_pretrained model + processor)
@@ -59,11 +59,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # prepare.py, then the repo root (model.py, reward.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import data as D  # noqa: E402
+import images  # noqa: E402
 import model  # noqa: E402
-import tiny  # noqa: E402
 import training as T  # noqa: E402
 import prepare  # noqa: E402
+from tools import tiny  # noqa: E402
 from reward import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def load_split(d, size, seed=0):
     rng = random.Random(seed)
     for r in recs:  # data written before prepare.py had terse captions
         r.setdefault("terse", prepare.terse_caption(r, rng))
-    return torch.stack([D.load_image(os.path.join(d, r["image"]), size) for r in recs]), recs
+    return torch.stack([images.load_image(os.path.join(d, r["image"]), size) for r in recs]), recs
 
 
 def schedule(opt, step, lr, total):
@@ -468,21 +468,21 @@ def main(argv=None):
     # report, through the very loaders the stage scripts use
     import reward
     t = time.time()
-    m = model.load_uae(encoder=f"{tmp}/encoder", decoder=f"{tmp}/decoder")
+    m = model.load_uae(f"{tmp}/encoder", f"{tmp}/decoder")
     torch.manual_seed(a.seed)
     texts = m.sample_captions(Xv, G=a.eval_G, temperature=1.0, max_new_tokens=64).texts
     rep["captions"] = caption_stats(texts, [r for r in vrecs for _ in range(a.eval_G)])
     rep["captions"]["terse_data"] = caption_stats([r["terse"] for r in vrecs], vrecs)
     rep["captions"]["examples"] = texts[:: a.eval_G][:4]
     k = min(8, len(Xv))  # a picture to look at: source | VAE reconstruction, one sampled caption under each row
-    D.save_grid(f"{tmp}/samples.png", [Xv[:k], reconstruct(vae, Xv[:k])], labels=texts[:: a.eval_G][:k], size=128)
+    images.save_grid(f"{tmp}/samples.png", [Xv[:k], reconstruct(vae, Xv[:k])], labels=texts[:: a.eval_G][:k], size=128)
     rep["clip"].update(clip_report(clip, reward.load_backbone("clip", f"{tmp}/clip"), vae, Xv, vrecs, a.seed))
     times["report"] = time.time() - t
     times["total"] = time.time() - t_all
     rep["seconds"] = times
     with open(f"{tmp}/standins.json", "w") as f:
         json.dump({"args": vars(a), "report": rep}, f, indent=1)
-    D.atomic_publish(tmp, a.out)
+    images.atomic_publish(tmp, a.out)
 
     c, k, d = rep["captions"], rep["clip"], rep["captions"]["terse_data"]
     print(f"captions (val, T=1.0, {len(texts)}): correct {c['correct']:.2f} (colour {c['color_correct']:.2f} shape "

@@ -1,10 +1,10 @@
 """
 The shapes-world demo: the whole UAE recipe on CPU in minutes, where the "aha moment" can be seen.
 
-    python demo.py                    # ./run.sh demo does this; writes out/demo/report.md (+ pictures)
-    python demo.py --seed 1 --out_dir out/demo-s1
-    python demo.py --rounds 2 --reuse # then: Unified-GRPO as a loop, stage 1 reused -> out/demo/rounds2/report.md
-    python demo.py --quick            # a shortened run that only checks that everything is produced
+    python tools/demo.py                    # ./run.sh demo does this; writes out/demo/report.md (+ pictures)
+    python tools/demo.py --seed 1 --out_dir out/demo-s1
+    python tools/demo.py --rounds 2 --reuse # then: Unified-GRPO as a loop, stage 1 reused -> out/demo/rounds2/report.md
+    python tools/demo.py --quick            # a shortened run that only checks that everything is produced
 
 It runs the real scripts, unchanged, each in a process of its own (stages with --overwrite: a rerun replaces the
 last one). On Linux that process is a fork of this one, which has imported torch, transformers, diffusers and
@@ -66,7 +66,7 @@ import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
 
 # step counts: (full run, --quick)
@@ -83,7 +83,7 @@ WARM = ["numpy", "PIL.Image", "safetensors.torch", "tqdm", "torch", "peft", "ope
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "transformers.models.qwen2_5_vl.processing_qwen2_5_vl",
         "transformers.generation.utils", "diffusers.models.transformers.transformer_sd3",
         "diffusers.models.autoencoders.autoencoder_kl", "diffusers.schedulers.scheduling_flow_match_euler_discrete",
-        "data", "model", "reward", "training", "tiny"]
+        "images", "model", "reward", "training", "checkpoint", "runs", "tools.tiny"]
 
 
 def can_fork():
@@ -277,7 +277,7 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    import data as D
+    import images
     sys.path.insert(0, os.path.join(ROOT, "data", "shapes"))
     from standins import caption_stats
     rounds = phases(K)
@@ -342,16 +342,16 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
     plt.close(fig)
     # grid: held-out source | reconstruction after stage 1 | after each later stage; captions after 1 and the last 2
     show = stems[:8]
-    load = lambda p: D.load_image(p, 64)[None]
+    load = lambda p: images.load_image(p, 64)[None]
     recon = lambda k, s: load(f"{folder[k]}/bench_{k}/recon/{s}.png")
     cols = [torch.cat([load(os.path.join(val, s + ".png")) for s in show])]
     cols += [torch.cat([recon(k, s) for s in show]) for k in names]
-    D.save_grid(f"{rep}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps[last2][s]}" for s in show], size=96)
+    images.save_grid(f"{rep}/report_grid.png", cols, [f"1: {caps['stage1'][s]}  |  2: {caps[last2][s]}" for s in show], size=96)
     # stage 3's own part: the same held-out sources, captions and noise, redrawn before and after (the last) stage 3
     score = lambda k: {r["name"]: r["scores"]["clip"] for r in benches[k]["per_image"]}
     b2, b3 = score(last2), score(last3)
     strip = [torch.cat([load(os.path.join(val, s + ".png")), recon(last2, s), recon(last3, s)]) for s in show]
-    D.save_grid(f"{rep}/report_stage3.png", strip, [
+    images.save_grid(f"{rep}/report_stage3.png", strip, [
         "held-out sources", "before stage 3 (after stage 2), tiny-CLIP x100: " + " ".join(f"{b2[s]:.0f}" for s in show),
         "after stage 3, the same captions and noise: " + " ".join(f"{b3[s]:.0f}" for s in show)], size=96)
 

@@ -31,12 +31,18 @@ from dataclasses import replace
 
 import torch
 
-import data as D
-import model as M
-import training as T
-import reward as R
-import stage2_grpo_und as S2
-import stage3_grpo_gen as S3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/bench.py`
+    sys.path.insert(0, ROOT)
+import caption_cache as CC  # noqa: E402
+import images  # noqa: E402
+import model as M  # noqa: E402
+import reward as R  # noqa: E402
+import runs  # noqa: E402
+import stage2_grpo_und as S2  # noqa: E402
+import stage3_grpo_gen as S3  # noqa: E402
+import training as T  # noqa: E402
+from tools import tiny  # noqa: E402
 
 PRESETS = {  # random-weight sizes built here (tiny: tiny.build_tiny's); res: image side
     "tiny": dict(res=64),
@@ -114,7 +120,7 @@ def build_sized(c, res, device="cpu", dtype=torch.float32):
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    tok = Qwen2_5_VLProcessor.from_pretrained(M.tiny_paths()[0]).tokenizer
+    tok = Qwen2_5_VLProcessor.from_pretrained(tiny.tiny_paths()[0]).tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS}
     pp = dict(patch_size=c["patch"], merge_size=2, temporal_patch_size=2)
     improc = Qwen2VLImageProcessor(**pp, min_pixels=res ** 2, max_pixels=res ** 2)
@@ -159,9 +165,9 @@ def build_sized(c, res, device="cpu", dtype=torch.float32):
 def load_model(a, device, dtype):
     c = PRESETS[a.preset]
     if a.preset == "tiny":
-        return M.load_uae(preset="tiny", dtype=dtype, device=device)
+        return runs.load_model(preset="tiny", dtype=dtype, device=device)
     if a.preset == "small":  # saved once under $UAE_HOME, loaded through the stages' load_uae
-        d = os.path.join(M.UAE_HOME, "bench-small-v1")
+        d = os.path.join(images.UAE_HOME, "bench-small-v1")
         if not os.path.exists(os.path.join(d, "decoder", "scheduler")):
             from transformers.utils import logging
             logging.disable_progress_bar()
@@ -169,8 +175,8 @@ def load_model(a, device, dtype):
             subs = ("encoder", "encoder", "decoder/transformer", "decoder/vae", "decoder/scheduler")
             for obj, sub in zip(build_sized(c, c["res"]), subs):  # encoder dir: weights + processor
                 obj.save_pretrained(os.path.join(tmp, sub))
-            D.atomic_publish(tmp, d)
-        return M.load_uae(encoder=f"{d}/encoder", decoder=f"{d}/decoder", dtype=dtype, device=device)
+            images.atomic_publish(tmp, d)
+        return runs.load_model(encoder=f"{d}/encoder", decoder=f"{d}/decoder", dtype=dtype, device=device)
     # real: ~12B random parameters built straight on the GPU in bf16 (saving them would write ~24 GB)
     enc, proc, dit, vae, sched = build_sized(c, c["res"], device, dtype)
     base = {"encoder": f"random:{M.REAL_ENCODER}", "decoder": f"random:{M.REAL_DECODER}"}
@@ -183,7 +189,7 @@ def load_reward(a, device):
     if a.preset == "real" and a.reward == "clip":  # ViT-L/14 sized, random (open_clip's bundled config)
         import open_clip
         return R.Backbone("clip", open_clip.create_model("ViT-L-14").visual.to(device), 224, short=224)
-    return R.load_backbone(a.reward, a.reward_path if a.reward != "pixel" else None, device=device)
+    return R.load_backbone(a.reward, runs.reward_path(a.reward, a.reward_path) if a.reward != "pixel" else None, device=device)
 
 
 def setup_stage(stage, a, device, dtype):
@@ -269,7 +275,7 @@ def stage3_step(m, bb, opt, params, neg, x, s3, step, cache=None):
     caption_pick(seed, b, step, K), as the stage does. None: a fresh caption every step."""
     ck, G, sig, gids = clock(m.device), s3.G, m.sigmas(s3.sample_steps), range(len(x))
     if cache is not None:
-        caps = S3.pick_captions(cache, gids, [step] * len(x), s3)
+        caps = CC.pick_captions(cache, gids, [step] * len(x), s3)
     else:
         caps = S3.caption_groups(m, x, [T.seed_of(s3.seed, step, g, "caption") for g in gids], s3)
     with torch.no_grad():
@@ -323,12 +329,12 @@ def cache_build_cost(m, sargs, Ks, rounds):
     -> {K: {"s_per_image", "over_calib", "vs_K1" (median of the paired ratios to the smallest K)}}."""
     x = synthetic_images(sargs, m.device)[:1]
     for K in Ks:  # warm-up
-        S3.cache_captions(m, x, [0], replace(sargs, captions_per_image=K))
+        CC.cache_captions(m, x, [0], replace(sargs, captions_per_image=K))
     t, c = {K: [] for K in Ks}, {K: [] for K in Ks}
     for r in range(rounds):
         for K in (Ks if r % 2 == 0 else Ks[::-1]):
             t0 = time.perf_counter()
-            S3.cache_captions(m, x, [r + 1], replace(sargs, captions_per_image=K))
+            CC.cache_captions(m, x, [r + 1], replace(sargs, captions_per_image=K))
             t[K].append(time.perf_counter() - t0)
             c[K].append(calibration(m.device))
     return {K: {"s_per_image": statistics.median(t[K]), "over_calib": statistics.median(a / b for a, b in zip(t[K], c[K])),

@@ -3,7 +3,7 @@ Start from the authors' released UAE (https://huggingface.co/zhiyuanyan1/UAE, in
 github.com/PKU-YuanGroup/UAE): read its checkpoint layout once and write this project's own
 checkpoint, which every script then loads like one of ours.
 
-    python released.py weights/UAE out/uae-released --decoder weights/sd3.5-large   # convert once
+    python tools/released.py weights/UAE out/uae-released --decoder weights/sd3.5-large   # convert once
     python eval_unified.py --init out/uae-released ...                             # then any script
     python eval_unified.py --init released:weights/UAE --decoder weights/sd3.5-large ...   # or convert on
         # first use into $UAE_HOME/released-<hash>/ (reused afterwards; ranks wait on a file lock)
@@ -43,7 +43,12 @@ import sys
 import torch
 import torch.nn as nn
 
-import model
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/released.py`
+    sys.path.insert(0, ROOT)
+import checkpoint as ck  # noqa: E402
+import images  # noqa: E402
+import model  # noqa: E402
 
 CONVERTER = "uae-released-v2"  # v2: the pooled embedding of "" from the SD3.5 base
 LLM_LORA = {"r": 32, "alpha": 64}  # the demo's set_lora(rank=32, alpha=64, target_modules="all-linear")
@@ -58,7 +63,7 @@ SD3_FILES = ["model_index.json", "vae/*", "scheduler/*", "text_encoder/*", "text
 PEFT_DEFAULTS = {"use_dora": (False, None), "use_rslora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                  "modules_to_save": (None, []), "layers_to_transform": (None,), "fan_in_fan_out": (False, None),
                  "lora_bias": (False, None), "bias": ("none", None), "exclude_modules": (None,), "target_parameters": (None, [])}
-Error = model.CheckpointError
+Error = images.CheckpointError
 
 
 def apply_sampling_preset(args, name):
@@ -297,7 +302,7 @@ def convert(release_dir, out_dir, sd3=None):
                 os.symlink(os.path.join(sd3_dir, name), os.path.join(dec, name))
         os.symlink(os.path.abspath(p["dit"]), os.path.join(dec, "transformer"))
         dtype = getattr(torch, enc_info["dtype"].split(".")[-1])
-        m = model.load_uae(encoder=os.path.join(out, "encoder"), decoder=dec, dtype=dtype)
+        m = model.load_uae(os.path.join(out, "encoder"), dec, dtype=dtype)
         m.projector.load_state_dict(proj)
         model.add_lora(m.transformer, dit_cfg["r"], dit_cfg["alpha"], dit_cfg["targets"])  # for the key check only
         want = {k: tuple(v.shape) for k, v in model.lora_state(m.transformer).items()}
@@ -310,7 +315,7 @@ def convert(release_dir, out_dir, sd3=None):
         gen = {k: gcf.get(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
         info = {"source": os.path.abspath(release_dir), "sd3": sd3_dir, "paths": p, "llm_lora": enc_info,
                 "dit_lora": {**dit_cfg, "tensors": len(dit_t)}, "llm_generation_config": gen}
-        model.save_checkpoint(os.path.join(out, "ckpt"), m, {"stage": "released", "converter": CONVERTER, "released": info})
+        ck.save_checkpoint(os.path.join(out, "ckpt"), m, {"stage": "released", "converter": CONVERTER, "released": info})
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -333,8 +338,8 @@ def converted(release_dir, sd3=None):
     files = sorted((os.path.relpath(os.path.join(r, f), d), os.stat(os.path.join(r, f)).st_size,
                     os.stat(os.path.join(r, f)).st_mtime_ns) for r, _, fs in os.walk(d) for f in fs)
     key = hashlib.sha1(json.dumps([CONVERTER, os.path.abspath(d), p["sd3"], files]).encode()).hexdigest()[:12]
-    out = os.path.join(model.UAE_HOME, f"released-{key}")
-    os.makedirs(model.UAE_HOME, exist_ok=True)
+    out = os.path.join(images.UAE_HOME, f"released-{key}")
+    os.makedirs(images.UAE_HOME, exist_ok=True)
     with open(out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(out, "ckpt", "uae.json")):
@@ -353,7 +358,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         convert(a.release, a.out, a.decoder)
-    except model.CheckpointError as e:
+    except images.CheckpointError as e:
         sys.exit(f"error: {e}")
 
 

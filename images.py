@@ -1,18 +1,20 @@
 """
 Images and files, shared by every script: the one image reader (read_image: training, eval and
-sample read every file the same way), datasets, sample grids, the cache home for the offline
-stand-ins, and atomic publishing of a directory.
-Imports nothing from this repository (model.py, reward.py and training.py import it).
+sample read every file the same way), datasets (a folder of images or a .jsonl of pairs), sample
+grids, the errors a user can fix in a file (DataError, CheckpointError), the cache home of the
+offline presets, and atomic publishing of a folder. Imports nothing from this repository.
 """
 import json
 import os
 import shutil
 import stat
 import tempfile
+import textwrap
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
 
 UAE_HOME = os.path.expanduser(os.environ.get("UAE_HOME", "~/.cache/uae"))
 
@@ -75,7 +77,6 @@ def check_image_file(path):
 
 def _open_checked(path, max_pixels):
     """PIL image with only its header read, after the regular-file and pixel-cap checks."""
-    from PIL import Image
     check_image_file(path)
     cap = int(max_pixels or MAX_PIXELS)
     pil_cap = Image.MAX_IMAGE_PIXELS
@@ -123,7 +124,6 @@ def _to_rgb(im):
     """Any PIL mode -> 8-bit RGB, the same rule everywhere: 16-bit / 32-bit int / float grey scaled by
     _scale_of (never min-max stretched); alpha (RGBA, LA, PA, La, RGBa, P or L/RGB with a transparency
     key) composited on white; CMYK, YCbCr, 1, L, P, ... by PIL's convert."""
-    from PIL import Image
     mode = im.mode
     if mode.startswith("I") or mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -144,7 +144,6 @@ def read_image(path, size=None, max_pixels=None):
     image, truncated. EXIF orientation is applied (a phone photo stands upright); modes by _to_rgb.
     size None: native size (eval's scoring); size S: center-cropped to a square, resized to S x S
     (bicubic), large JPEGs decoded at a reduced scale first (draft)."""
-    from PIL import ImageOps
     try:
         with _open_checked(path, max_pixels) as im:
             if size:
@@ -155,7 +154,6 @@ def read_image(path, size=None, max_pixels=None):
     except Exception as e:  # truncated, not an image, unknown mode, ...
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if size:
-        from PIL import Image
         w, h = im.size
         c = min(w, h)
         im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)).resize((size, size), Image.BICUBIC)
@@ -267,8 +265,6 @@ class ImageDataset:
 def save_grid(path, columns, labels=None, size=None):
     """A PNG a person can open: one row per item, columns = list of image batches (B, 3, H, W) in
     [0, 1] (e.g. source | reconstructions), a text label under each row."""
-    import textwrap
-    from PIL import Image, ImageDraw
     B = columns[0].shape[0]
     H = size or columns[0].shape[-1]
     rows = []

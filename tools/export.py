@@ -27,16 +27,19 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-import data as D
-import model as M
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/export.py`
+    sys.path.insert(0, ROOT)
+import checkpoint as ck  # noqa: E402
+import images  # noqa: E402
+import model as M  # noqa: E402
+import runs  # noqa: E402
+from runs import arg  # noqa: E402
 
-
-def arg(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -77,7 +80,7 @@ def save_peft(module, cfg, sd, path, base):
     missing, unexpected = module.load_state_dict(sd, strict=False)
     bad = list(unexpected) + [k for k in missing if "lora_" in k]
     if bad:
-        raise M.CheckpointError(f"the adapter does not fit the peft model: e.g. {bad[0]}")
+        raise images.CheckpointError(f"the adapter does not fit the peft model: e.g. {bad[0]}")
     pm.peft_config["default"].base_model_name_or_path = base
     pm.save_pretrained(path, save_embedding_layers=False)  # no embedding targets; skips a look-up of `base`
 
@@ -109,9 +112,9 @@ def export(a):
     """-> {part: what was written}. Raises CheckpointError for a bad --init."""
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
-    meta, _ = M.read_checkpoint(a.init)
+    meta, _ = ck.read_checkpoint(a.init)
     live = meta["layers"][-1] if a.keep_adapters and meta.get("live_layer") else {}
-    m = M.load_uae(init=a.init, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype],
+    m = runs.load_model(init=a.init, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype],
                    resume=a.keep_adapters)
     out = os.path.abspath(a.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -152,7 +155,7 @@ def export(a):
             json.dump(proj, f, indent=1)
         with open(f"{tmp}/README.md", "w") as f:
             f.write(readme(out, meta, done, a))
-        D.atomic_publish(tmp, out)
+        images.atomic_publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -245,7 +248,7 @@ def main(argv=None):
     if err is None:
         try:
             done = export(a)
-        except (M.CheckpointError, OSError) as e:  # a bad checkpoint, base models not found, disk full
+        except (images.CheckpointError, OSError) as e:  # a bad checkpoint, base models not found, disk full
             err = str(e)
     if err:
         print(f"error: {err}", file=sys.stderr)
