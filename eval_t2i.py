@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -245,12 +246,30 @@ def check_out(out, rec):
     T.need(not foreign, f"--out {out} holds files this script did not write: {listing(foreign)}; move them away")
 
 
+def claim(out, rec):
+    """Make <out> this script's: a new (or empty) folder is replaced by one that already holds the marker, in one
+    rename, so that no folder of ours ever lacks it. A folder that has it keeps it (check_out compared it)."""
+    if os.path.isfile(os.path.join(out, MARKER)):
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+        f.write(json.dumps(rec, indent=1) + "\n")
+    T._fsync(os.path.join(tmp, MARKER))
+    os.replace(tmp, out)  # rename(2) replaces an empty folder
+
+
 def clean_leftovers(out):
     """What a killed run left: half-written prompts (.tmp-*) and folders being replaced (.old-*)."""
     for x in os.listdir(out):
-        if x.startswith(LEFTOVER):
-            p = os.path.join(out, x)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        p = os.path.join(out, x)
+        if not x.startswith(LEFTOVER):
+            continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
 
 
 def grid2x2(ims):
@@ -346,9 +365,8 @@ def main(argv=None):
 
     rank, world, device = T.dist_setup(args.seed)
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
+        claim(out, rec)
         clean_leftovers(out)
-        EU.write_atomic(os.path.join(out, MARKER), lambda q: open(q, "w", encoding="utf-8").write(json.dumps(rec, indent=1) + "\n"))
         print(f"{bench}: {len(chosen)} prompts, {len(chosen) - len(todo)} already written, {len(todo)} to generate "
               f"({n} image(s) each) on {world} rank(s) -> {out}", flush=True)
     if world > 1:
@@ -360,9 +378,14 @@ def main(argv=None):
         m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
         size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+        t0 = time.time()
         for item in tqdm(mine, desc=f"{bench} (rank 0: {len(mine)} of {len(todo)})" if world > 1 else bench,
                          unit="prompt", disable=rank != 0):
             publish(out, bench, item, generate(m, bench, item, n, size, args))
+        if rank == 0:
+            dt = time.time() - t0
+            print(f"rank 0: {len(mine)} prompts x {n} image(s) of {size} px in {dt:.1f} s, {dt / len(mine):.2f} s a prompt "
+                  f"({args.steps} steps, CFG {args.cfg:g}; model load not counted)", flush=True)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -261,3 +261,6 @@ def test_out_not_written_by_this_script_refused_by_name(tmp_path, ge_one, no_mod
     (tmp_path / "ours" / "notes.txt").write_text("mine")
     with pytest.raises(T.UsageError, match=r"holds files this script did not write: notes.txt"):
         ev.main(base + ["--out", ours])
+    # what ELLA's scorer writes into the image folder by default does not block a rerun there; elsewhere it does
+    assert ev.ours("dpg", "dpg-bench_20250101-120000_results.txt") and ev.ours("dpg", "dpg-bench_x_results_detail.txt")
+    assert not ev.ours("geneval", "dpg-bench_20250101-120000_results.txt") and not ev.ours("dpg", "notes.txt")
