@@ -337,8 +337,11 @@ def main(argv=None):
     from tqdm import tqdm
     p = T.arg_parser(Args)
     p.add_argument("benchmark", choices=BENCHMARKS, help=" | ".join(BENCHMARKS))
-    args, ns = p.parse_args_into_dataclasses(argv)
+    args, ns, rest = p.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    T.need(not rest, f"unknown argument(s): {' '.join(rest)} (see --help)")
     bench = ns.benchmark
+    T.need(args.preset_sampling in ("",) + tuple(released.SAMPLING),
+           f"--preset_sampling {args.preset_sampling!r}: known presets are {', '.join(released.SAMPLING)}")
     released.apply_sampling_preset(args, args.preset_sampling)
     # every check before anything loads or is written
     T.one_of(args, "preset", ("tiny", "real"))

@@ -264,3 +264,16 @@ def test_out_not_written_by_this_script_refused_by_name(tmp_path, ge_one, no_mod
     # what ELLA's scorer writes into the image folder by default does not block a rerun there; elsewhere it does
     assert ev.ours("dpg", "dpg-bench_20250101-120000_results.txt") and ev.ours("dpg", "dpg-bench_x_results_detail.txt")
     assert not ev.ours("geneval", "dpg-bench_20250101-120000_results.txt") and not ev.ours("dpg", "notes.txt")
+
+
+@pytest.mark.parametrize("bench,extra,want", [
+    ("geneval", ["--bogus", "1"], "unknown argument(s): --bogus 1"),
+    ("dpg", ["--n_samples", "2"], "--n_samples 2: dpg's scorer reads 4 image(s) a prompt"),
+    ("geneval++", ["--n_samples", "4"], "--n_samples 4: geneval++'s scorer reads 1 image(s) a prompt"),
+    ("geneval", ["--resolution", "50"], "--resolution 50: must be a multiple of 16"),
+    ("geneval", ["--preset_sampling", "paper"], "--preset_sampling 'paper': known presets are released"),
+])
+def test_bad_flags_refused_before_loading(tmp_path, no_model, bench, extra, want):
+    with pytest.raises(T.UsageError) as e:
+        ev.main([bench, "--prompts", str(tmp_path), "--out", str(tmp_path / "out"), *FAST, *extra])
+    assert want in str(e.value)
