@@ -121,18 +121,17 @@ def test_genevalpp_names_from_jsonl_and_txt_as_its_scorer_reads_them(tmp_path, t
 def test_dpg_grid_as_its_scorer_crops_it(tmp_path, tiny_paths):
     src = tmp_path / "prompts"
     src.mkdir()
-    (src / "partiprompts3.txt").write_text("A tall giraffe beside a short red bus on a cloudy day.\n")
     (src / "whoops7.txt").write_text("An astronaut riding a horse in a snowy forest, photographed at dusk.")
     (src / "README.md").write_text("not a prompt")
     out = str(tmp_path / "dpg")
     ev.main(["dpg", "--prompts", str(src), "--out", out, *FAST])
-    assert sorted(os.listdir(out)) == [".eval_t2i.json", "partiprompts3.png", "whoops7.png"]
+    assert sorted(os.listdir(out)) == [".eval_t2i.json", "whoops7.png"]
     torch.manual_seed(0)
     m = model.load_uae(preset="tiny")
     args = T.parse_args(ev.Args, ["--steps", "2"])
     res = 64  # compute_dpg_bench.py --resolution: one sample's size
     crops = [(0, 0, res, res), (res, 0, res * 2, res), (0, res, res, res * 2), (res, res, res * 2, res * 2)]
-    for pid in ("partiprompts3", "whoops7"):
+    for pid in ("whoops7",):
         grid = Image.open(os.path.join(out, f"{pid}.png"))
         assert grid.format == "PNG" and grid.size == (2 * res, 2 * res)
         assert os.path.basename(os.path.join(out, f"{pid}.png")).split(".")[0] == pid  # the scorer's key
