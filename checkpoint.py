@@ -36,6 +36,17 @@ def checkpoint_dir(path):
     return os.path.join(path, "ckpt") if os.path.isdir(os.path.join(path, "ckpt")) else path
 
 
+def checkpoint_id(init):
+    """What --init's checkpoint is, not only where: the published checkpoint folder and its files' sizes and
+    modification times (a stage rerun into the same out_dir writes a new checkpoint under the same path). None
+    for a base model or released:DIR. Outputs made from a checkpoint record it, so a rerun can tell."""
+    if not init or init.startswith("released:"):
+        return None
+    d = os.path.realpath(checkpoint_dir(init))
+    files = [os.path.join(d, f) for f in ("uae.json", "weights.safetensors")]
+    return [d] + [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
+
+
 def read_checkpoint(path):
     """-> (meta, tensors). Clear errors for a missing, truncated or foreign checkpoint."""
     path = checkpoint_dir(path)
@@ -209,7 +220,7 @@ def _phase(name):
 _crash_hook = None
 
 
-def _fsync(path, is_dir=False):
+def fsync(path, is_dir=False):
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
     except OSError:
@@ -340,8 +351,8 @@ def publish_checkpoint(out_dir, step, write, rng_states):
         save_file(t, os.path.join(target, f"rng{r}.safetensors"))
         _phase(f"rng{r}")
     for f in os.listdir(target):
-        _fsync(os.path.join(target, f))
-    _fsync(target, is_dir=True)
+        fsync(os.path.join(target, f))
+    fsync(target, is_dir=True)
     link = os.path.join(out_dir, LINK)
     old = ckpt_dir(out_dir)
     if os.path.isdir(link) and not os.path.islink(link):  # a ckpt/ folder of an earlier version: moved aside
@@ -349,7 +360,7 @@ def publish_checkpoint(out_dir, step, write, rng_states):
         old = os.path.join(out_dir, LEGACY)
     _phase("link")
     _replace_link(out_dir, name)                        # the publish: one rename
-    _fsync(out_dir, is_dir=True)
+    fsync(out_dir, is_dir=True)
     _phase("published")
     if old and os.path.realpath(old) != os.path.realpath(target):
         shutil.rmtree(old, ignore_errors=True)

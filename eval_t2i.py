@@ -39,14 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-import data as D
-import eval_unified as EU
-import model
-import released
-import sample
+import checkpoint as ck
+import images
+import runs
 import training as T
-
-arg = sample.arg  # the dataclass-field helper the scripts share
+from runs import arg
+from tools import released
 
 BENCHMARKS = ("geneval", "geneval++", "dpg")
 PROTOCOL_N = {"geneval": 4, "geneval++": 1, "dpg": 4}  # images per prompt that each scorer reads
@@ -97,7 +95,7 @@ def _text(path, ln, b):
         return b.decode("utf-8")
     except UnicodeDecodeError as e:
         at = ln + b[:e.start].count(b"\n")
-        raise T.UsageError(f"{path}:{at}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise runs.UsageError(f"{path}:{at}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _json_object(path, ln, b, keys):
@@ -105,18 +103,18 @@ def _json_object(path, ln, b, keys):
     try:
         d = json.loads(_text(path, ln, b))
     except ValueError as e:
-        raise T.UsageError(f"{path}:{ln}: not a JSON line ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})") from None
+        raise runs.UsageError(f"{path}:{ln}: not a JSON line ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})") from None
     if not isinstance(d, dict):
-        raise T.UsageError(f"{path}:{ln}: expected a JSON object, got {type(d).__name__}")
+        raise runs.UsageError(f"{path}:{ln}: expected a JSON object, got {type(d).__name__}")
     for k in keys:
         if not isinstance(d.get(k), str) or not d[k].strip():
-            raise T.UsageError(f"{path}:{ln}: no {k!r} string (the line has {', '.join(map(repr, d)) or 'no keys'})")
+            raise runs.UsageError(f"{path}:{ln}: no {k!r} string (the line has {', '.join(map(repr, d)) or 'no keys'})")
     return d
 
 
 def _read(path):
     if not os.path.isfile(path):
-        raise T.UsageError(f"--prompts {path}: no such file" + (" (a folder: that is dpg's input)" if os.path.isdir(path) else ""))
+        raise runs.UsageError(f"--prompts {path}: no such file" + (" (a folder: that is dpg's input)" if os.path.isdir(path) else ""))
     with open(path, "rb") as f:
         return f.read()
 
@@ -128,7 +126,7 @@ def read_geneval(path):
     items = []
     for ln, b in _lines(_read(path)):
         if not b.strip():
-            raise T.UsageError(f"{path}:{ln}: blank line (GenEval numbers every line of the file: remove it)")
+            raise runs.UsageError(f"{path}:{ln}: blank line (GenEval numbers every line of the file: remove it)")
         d = _json_object(path, ln, b, ("prompt", "tag"))
         items.append({"name": f"{len(items):05d}", "prompt": d["prompt"], "line": b})
     return items
@@ -139,7 +137,7 @@ def read_genevalpp(path):
     lines refused): output <n>.jpg, n = 1 + the prompt's index."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".txt"):
-        raise T.UsageError(f"--prompts {path}: expected Geneval++.jsonl or Geneval++.txt")
+        raise runs.UsageError(f"--prompts {path}: expected Geneval++.jsonl or Geneval++.txt")
     items = []
     for ln, b in _lines(_read(path)):
         if ext == ".jsonl":
@@ -149,7 +147,7 @@ def read_genevalpp(path):
         else:
             p = _text(path, ln, b).strip()
             if not p:
-                raise T.UsageError(f"{path}:{ln}: blank line (GenEval++ numbers images by line: remove it)")
+                raise runs.UsageError(f"{path}:{ln}: blank line (GenEval++ numbers images by line: remove it)")
         items.append({"name": str(len(items) + 1), "prompt": p.strip()})
     return items
 
@@ -158,23 +156,23 @@ def read_dpg(path):
     """The folder of <id>.txt files (hidden files, sub-folders and other extensions ignored): output <id>.png.
     The scorer looks an image up by its name up to the first '.', so an id with a dot is refused."""
     if not os.path.isdir(path):
-        raise T.UsageError(f"--prompts {path}: not a folder (expected ELLA's dpg_bench/prompts, one <id>.txt a prompt)")
+        raise runs.UsageError(f"--prompts {path}: not a folder (expected ELLA's dpg_bench/prompts, one <id>.txt a prompt)")
     items = []
     for name in sorted(os.listdir(path)):
         f = os.path.join(path, name)
         if name.startswith(".") or not name.lower().endswith(".txt") or os.path.isdir(f):
             continue
         if not os.path.isfile(f):
-            raise T.UsageError(f"{f}: not a regular file")
+            raise runs.UsageError(f"{f}: not a regular file")
         pid = name[:-4]
         if "." in pid:
-            raise T.UsageError(f"{f}: the id {pid!r} has a '.', which the DPG scorer cuts its image names at")
+            raise runs.UsageError(f"{f}: the id {pid!r} has a '.', which the DPG scorer cuts its image names at")
         text = _text(f, 1, _read(f)).strip()
         if not text:
-            raise T.UsageError(f"{f}:1: empty prompt")
+            raise runs.UsageError(f"{f}:1: empty prompt")
         items.append({"name": pid, "prompt": text})
     if not items:
-        raise T.UsageError(f"--prompts {path}: no <id>.txt prompt files in this folder")
+        raise runs.UsageError(f"--prompts {path}: no <id>.txt prompt files in this folder")
     return items
 
 
@@ -211,7 +209,7 @@ def finished(out, bench, name, n):
 def record(args, bench, n, items):
     return {"written_by": "eval_t2i.py", "benchmark": bench, "n_samples": n, "prompts": os.path.abspath(args.prompts),
             "prompts_sha256": prompts_digest(items), "settings": {k: getattr(args, k) for k in SETTINGS},
-            "checkpoint": EU.checkpoint_id(args.init)}
+            "checkpoint": ck.checkpoint_id(args.init)}
 
 
 def check_out(out, rec):
@@ -220,30 +218,30 @@ def check_out(out, rec):
     bench = rec["benchmark"]
     if not os.path.exists(out):
         return
-    T.need(os.path.isdir(out), f"--out {out}: exists and is not a folder")
+    runs.need(os.path.isdir(out), f"--out {out}: exists and is not a folder")
     names = sorted(os.listdir(out))
     if not names:
         return
     listing = lambda xs: ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
     mp = os.path.join(out, MARKER)
-    T.need(os.path.isfile(mp), f"--out {out} holds files this script did not write ({listing(names)}): "
+    runs.need(os.path.isfile(mp), f"--out {out} holds files this script did not write ({listing(names)}): "
                                "use a new or empty folder")
     try:
         old = json.load(open(mp, encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         old = None
-    T.need(isinstance(old, dict) and old.get("written_by") == "eval_t2i.py",
+    runs.need(isinstance(old, dict) and old.get("written_by") == "eval_t2i.py",
            f"{mp} is damaged or not this script's: use a new folder")
-    T.need(old.get("benchmark") == bench, f"--out {out} holds {old.get('benchmark')} images, not {bench}: use another folder")
+    runs.need(old.get("benchmark") == bench, f"--out {out} holds {old.get('benchmark')} images, not {bench}: use another folder")
     diff = [f"{k} {old.get(k)!r} (now {rec[k]!r})" for k in ("n_samples", "checkpoint") if old.get(k) != rec[k]]
     diff += [f"--{k} {old.get('settings', {}).get(k)!r} (now {v!r})" for k, v in rec["settings"].items()
              if old.get("settings", {}).get(k) != v]
     if old.get("prompts_sha256") != rec["prompts_sha256"]:
         diff.append(f"the prompts (was {old.get('prompts')}, now {rec['prompts']}, different content)")
-    T.need(not diff, f"--out {out} holds images made with other settings: {'; '.join(diff)}; "
+    runs.need(not diff, f"--out {out} holds images made with other settings: {'; '.join(diff)}; "
                      "rerun with those, or use another folder")
     foreign = [x for x in names if not ours(bench, x)]
-    T.need(not foreign, f"--out {out} holds files this script did not write: {listing(foreign)}; move them away")
+    runs.need(not foreign, f"--out {out} holds files this script did not write: {listing(foreign)}; move them away")
 
 
 def claim(out, rec):
@@ -256,7 +254,7 @@ def claim(out, rec):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         f.write(json.dumps(rec, indent=1) + "\n")
-    T._fsync(os.path.join(tmp, MARKER))
+    ck.fsync(os.path.join(tmp, MARKER))
     os.replace(tmp, out)  # rename(2) replaces an empty folder
 
 
@@ -297,20 +295,20 @@ def publish(out, bench, item, ims):
         files = [os.path.join(tmp, "metadata.jsonl")]
         for k, im in enumerate(ims):
             files.append(os.path.join(tmp, "samples", f"{k:04d}.png"))
-            sample.save_png(files[-1], im)
+            images.save_png(files[-1], im)
     else:  # geneval++: JPEG at PIL's default quality (the scorer re-encodes it so anyway); dpg: the grid
         files = [os.path.join(tmp, os.path.basename(dest))]
-        sample.save_png(files[0], ims[0] if bench == "geneval++" else grid2x2(ims))
+        images.save_png(files[0], ims[0] if bench == "geneval++" else grid2x2(ims))
     for f in files:
-        T._fsync(f)
+        ck.fsync(f)
     _phase("written", item)
     if bench == "geneval":
-        T._fsync(os.path.join(tmp, "samples"), is_dir=True)
-        D.atomic_publish(tmp, dest)  # an incomplete folder of an earlier version is replaced whole
+        ck.fsync(os.path.join(tmp, "samples"), is_dir=True)
+        images.atomic_publish(tmp, dest)  # an incomplete folder of an earlier version is replaced whole
     else:
         os.replace(files[0], dest)
         os.rmdir(tmp)
-    T._fsync(out, is_dir=True)
+    ck.fsync(out, is_dir=True)
     _phase("published", item)
 
 
@@ -335,30 +333,30 @@ def scorer_line(bench, out, size):
 
 def main(argv=None):
     from tqdm import tqdm
-    p = T.arg_parser(Args)
+    p = runs.arg_parser(Args)
     p.add_argument("benchmark", choices=BENCHMARKS, help=" | ".join(BENCHMARKS))
     args, ns, rest = p.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    T.need(not rest, f"unknown argument(s): {' '.join(rest)} (see --help)")
+    runs.need(not rest, f"unknown argument(s): {' '.join(rest)} (see --help)")
     bench = ns.benchmark
-    T.need(args.preset_sampling in ("",) + tuple(released.SAMPLING),
+    runs.need(args.preset_sampling in ("",) + tuple(released.SAMPLING),
            f"--preset_sampling {args.preset_sampling!r}: known presets are {', '.join(released.SAMPLING)}")
     released.apply_sampling_preset(args, args.preset_sampling)
     # every check before anything loads or is written
-    T.one_of(args, "preset", ("tiny", "real"))
-    T.one_of(args, "dtype", ("auto", "fp32", "bf16"))
-    T.at_least(args, 1, "steps")
-    T.at_least(args, 0, "resolution", "n_samples", "limit")
-    T.finite(args, "cfg")
-    T.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be a multiple of 16 (VAE factor 8 x DiT patch 2)")
+    runs.one_of(args, "preset", ("tiny", "real"))
+    runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
+    runs.at_least(args, 1, "steps")
+    runs.at_least(args, 0, "resolution", "n_samples", "limit")
+    runs.finite(args, "cfg")
+    runs.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be a multiple of 16 (VAE factor 8 x DiT patch 2)")
     n = args.n_samples or PROTOCOL_N[bench]
-    T.need(bench == "geneval" or n == PROTOCOL_N[bench],
+    runs.need(bench == "geneval" or n == PROTOCOL_N[bench],
            f"--n_samples {n}: {bench}'s scorer reads {PROTOCOL_N[bench]} image(s) a prompt" +
            (" (the 2x2 grid)" if bench == "dpg" else ""))
-    T.need(bool(args.prompts), f"--prompts is required: {Args.__dataclass_fields__['prompts'].metadata['help']}")
+    runs.need(bool(args.prompts), f"--prompts is required: {Args.__dataclass_fields__['prompts'].metadata['help']}")
     for flag in ("encoder", "decoder"):
-        T.check_local(flag, getattr(args, flag))
+        runs.check_local(flag, getattr(args, flag))
     if args.init:
-        T.check_init(args.init)
+        runs.check_init(args.init)
     items = READERS[bench](args.prompts)
     out = args.out or os.path.join("out", "t2i", bench.replace("+", "p"))
     rec = record(args, bench, n, items)
@@ -378,7 +376,7 @@ def main(argv=None):
     if mine:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
                  "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-        m = model.load_uae(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
+        m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
         size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
         t0 = time.time()
@@ -397,4 +395,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    runs.cli(main)

@@ -242,22 +242,11 @@ GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temp
             "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first")
 
 
-def checkpoint_id(init):
-    """What --init's checkpoint is, not only where: the published checkpoint folder and its files' sizes and
-    modification times (a stage rerun into the same out_dir writes a new checkpoint under the same path). None
-    for a base model or released:DIR."""
-    if not init or init.startswith("released:"):
-        return None
-    d = os.path.realpath(ck.checkpoint_dir(init))
-    files = [os.path.join(d, f) for f in ("uae.json", "weights.safetensors")]
-    return [d] + [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
-
-
 def check_settings(args, rank):
     """Resume only what the same settings and the same checkpoint made: <out>/settings.json pins the generation
-    arguments and the checkpoint's identity (checkpoint_id)."""
+    arguments and the checkpoint's identity (checkpoint.checkpoint_id)."""
     path = os.path.join(args.out_dir, "settings.json")
-    cur = {**{k: getattr(args, k) for k in GEN_KEYS}, "checkpoint": checkpoint_id(args.init)}
+    cur = {**{k: getattr(args, k) for k in GEN_KEYS}, "checkpoint": ck.checkpoint_id(args.init)}
     if os.path.isfile(path):
         old = json.load(open(path))
         # a key an older settings.json lacks had its default; a missing checkpoint id matches no checkpoint

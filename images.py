@@ -262,6 +262,11 @@ class ImageDataset:
         return torch.stack(ims), caps, names
 
 
+def save_png(path, im):
+    """im (3, H, W) in [0, 1] -> an 8-bit RGB PNG at path."""
+    Image.fromarray((im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
 def save_grid(path, columns, labels=None, size=None):
     """A PNG a person can open: one row per item, columns = list of image batches (B, 3, H, W) in
     [0, 1] (e.g. source | reconstructions), a text label under each row."""

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 import images
 import model
@@ -58,10 +57,6 @@ def out_path(out, ext, stem):
     return path
 
 
-def save_png(path, im):
-    Image.fromarray((im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
-
-
 def main(argv=None):
     p = runs.arg_parser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
@@ -99,14 +94,14 @@ def main(argv=None):
         stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt)[:40].strip("_") or "image"
         im = m.generate_images([args.prompt], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)[0]
         path = out_path(args.out, ".png", stem)
-        save_png(path, im)
+        images.save_png(path, im)
         print(f"wrote {path}")
     else:  # reconstruct: image -> caption -> image, and a side-by-side source | reconstruction
         im = m.generate_images([text], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)  # (1, 3, S, S)
         os.makedirs(args.out, exist_ok=True)
         base = os.path.join(args.out, stem)
         open(base + "_caption.txt", "w").write(text + "\n")
-        save_png(base + "_recon.png", im[0])
+        images.save_png(base + "_recon.png", im[0])
         images.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
         print(f"wrote {base}_caption.txt, {base}_recon.png, {base}_pair.png (source | reconstruction)")
 

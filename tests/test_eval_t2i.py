@@ -17,7 +17,7 @@ from PIL import Image
 
 import eval_t2i as ev
 import model
-import training as T
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--preset", "tiny", "--steps", "2"]
@@ -127,8 +127,8 @@ def test_dpg_grid_as_its_scorer_crops_it(tmp_path, tiny_paths):
     ev.main(["dpg", "--prompts", str(src), "--out", out, *FAST])
     assert sorted(os.listdir(out)) == [".eval_t2i.json", "whoops7.png"]
     torch.manual_seed(0)
-    m = model.load_uae(preset="tiny")
-    args = T.parse_args(ev.Args, ["--steps", "2"])
+    m = runs.load_model(preset="tiny")
+    args = runs.parse_args(ev.Args, ["--steps", "2"])
     res = 64  # compute_dpg_bench.py --resolution: one sample's size
     crops = [(0, 0, res, res), (res, 0, res * 2, res), (0, res, res, res * 2), (res, res, res * 2, res * 2)]
     for pid in ("whoops7",):
@@ -218,9 +218,9 @@ def test_malformed_prompt_file_refused_by_file_and_line_before_loading(tmp_path,
     if bench == "dpg":
         (path.parent / "fine.txt").write_text("a photo of a dog")
     prompts = str(path.parent if bench == "dpg" else path)
-    with pytest.raises(T.UsageError) as e:
+    with pytest.raises(runs.UsageError) as e:
         ev.main([bench, "--prompts", prompts, "--out", str(tmp_path / "out"), *FAST])
-    msg = T.one_line(e.value)
+    msg = runs.one_line(e.value)
     assert f"{path}{want}" in msg, msg
     assert not (tmp_path / "out").exists()
 
@@ -240,25 +240,25 @@ def test_out_not_written_by_this_script_refused_by_name(tmp_path, ge_one, no_mod
     (run / "ckpt.000010").mkdir(parents=True)
     (run / "log.jsonl").write_text("{}\n")
     base = ge_one["argv"]
-    with pytest.raises(T.UsageError, match=r"stage3 holds files this script did not write \(ckpt.000010, log.jsonl\)"):
+    with pytest.raises(runs.UsageError, match=r"stage3 holds files this script did not write \(ckpt.000010, log.jsonl\)"):
         ev.main(base + ["--out", str(run)])
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(T.UsageError, match="exists and is not a folder"):
+    with pytest.raises(runs.UsageError, match="exists and is not a folder"):
         ev.main(base + ["--out", str(tmp_path / "afile")])
     ours = str(tmp_path / "ours")
     shutil.copytree(ge_one["out"], ours)
-    with pytest.raises(T.UsageError, match=r"other settings: --steps 2 \(now 3\)"):
+    with pytest.raises(runs.UsageError, match=r"other settings: --steps 2 \(now 3\)"):
         ev.main(base + ["--out", ours, "--steps", "3"])
     (tmp_path / "dpg").mkdir()
     (tmp_path / "dpg" / "p1.txt").write_text("a photo of a dog")
-    with pytest.raises(T.UsageError, match=r"holds geneval images, not dpg"):
+    with pytest.raises(runs.UsageError, match=r"holds geneval images, not dpg"):
         ev.main(["dpg", "--prompts", str(tmp_path / "dpg"), "--out", ours, *FAST])
     other = tmp_path / "other.jsonl"
     other.write_bytes(GENEVAL_LINES[0])
-    with pytest.raises(T.UsageError, match=r"other settings: .*the prompts \(was .*evaluation_metadata.jsonl, now .*other.jsonl"):
+    with pytest.raises(runs.UsageError, match=r"other settings: .*the prompts \(was .*evaluation_metadata.jsonl, now .*other.jsonl"):
         ev.main(["geneval", "--prompts", str(other), "--n_samples", "2", *FAST, "--out", ours])
     (tmp_path / "ours" / "notes.txt").write_text("mine")
-    with pytest.raises(T.UsageError, match=r"holds files this script did not write: notes.txt"):
+    with pytest.raises(runs.UsageError, match=r"holds files this script did not write: notes.txt"):
         ev.main(base + ["--out", ours])
     # what ELLA's scorer writes into the image folder by default does not block a rerun there; elsewhere it does
     assert ev.ours("dpg", "dpg-bench_20250101-120000_results.txt") and ev.ours("dpg", "dpg-bench_x_results_detail.txt")
@@ -273,6 +273,6 @@ def test_out_not_written_by_this_script_refused_by_name(tmp_path, ge_one, no_mod
     ("geneval", ["--preset_sampling", "paper"], "--preset_sampling 'paper': known presets are released"),
 ])
 def test_bad_flags_refused_before_loading(tmp_path, no_model, bench, extra, want):
-    with pytest.raises(T.UsageError) as e:
+    with pytest.raises(runs.UsageError) as e:
         ev.main([bench, "--prompts", str(tmp_path), "--out", str(tmp_path / "out"), *FAST, *extra])
     assert want in str(e.value)
