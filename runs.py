@@ -67,19 +67,22 @@ def one_line(msg):
     return out
 
 
+RANK_ERROR_DELAY = 15   # seconds a rank other than 0 waits before printing a user error (see cli)
+
+
 def cli(main):
-    """Every script's `if __name__ == "__main__":`. A user error (UsageError, data.DataError,
-    data.CheckpointError) prints `error: <one line>` to stderr and exits 2; any other exception is a
-    bug and keeps its traceback. main's int result is the exit status (eval), anything else exits 0.
-    Under torchrun every rank checks the same things, so rank 0 prints at once and the others wait
-    3 s first: torchrun stops them when rank 0 exits, and only an error rank 0 did not have (a file
-    missing on one node) gets its own `error: [rank r] ...` line."""
+    """Every script's `if __name__ == "__main__":`. A user error (USER_ERRORS) prints `error: <one line>` to
+    stderr and exits 2; any other exception is a bug and keeps its traceback. main's int result is the exit
+    status (eval), anything else exits 0. Under torchrun every rank checks the same things, so rank 0 prints
+    at once and the others wait RANK_ERROR_DELAY s first: torchrun stops them when rank 0 exits (on a loaded
+    machine that takes seconds), and only an error rank 0 did not have (a file missing on one node) gets its
+    own `error: [rank r] ...` line."""
     try:
         rc = main()
     except USER_ERRORS as e:
         rank = int(os.environ.get("RANK", "0") or 0)
         if rank:
-            time.sleep(3)
+            time.sleep(RANK_ERROR_DELAY)
         print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}", file=sys.stderr, flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import images
 import checkpoint as ck
+import runs
 import training as T
 import stage1_coldstart as S
 from test_stage1 import ROOT, args_for, cli, env, free_port, make_jsonl, read_log
@@ -49,7 +50,7 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_paths):
+def fsdp_runs(tmp_path_factory, tiny_paths):
     """one: 1 rank, unsharded (no --fsdp), batch 2. two: 2 ranks --fsdp --grad_ckpt, batch 1 (torchrun).
     part2: two's first 2 steps (--stop_after 2); part1: one's first 2 steps with --fsdp (the FSDP format)."""
     d = tmp_path_factory.mktemp("fsdp")
@@ -65,64 +66,64 @@ def runs(tmp_path_factory, tiny_paths):
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_equal_unsharded_one_rank(runs):
-    l1, l2 = read_log(runs["one"]), read_log(runs["two"])
+def test_fsdp_two_ranks_equal_unsharded_one_rank(fsdp_runs):
+    l1, l2 = read_log(fsdp_runs["one"]), read_log(fsdp_runs["two"])
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
     for r1, r2 in zip(l1, l2):
         for k in ("loss/total", "loss/fm", "grad_norm"):
             assert abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])), (r1["step"], k, r1[k], r2[k])
-    w1, w2 = weights(runs["one"]), weights(runs["two"])
+    w1, w2 = weights(fsdp_runs["one"]), weights(fsdp_runs["two"])
     assert any(k.startswith("transformer.transformer_blocks.1.") for k in w2) and any(k.startswith("projector.") for k in w2)
     d = max_diff(w1, w2)
     print(f"\n2 ranks --fsdp vs 1 rank unsharded: max |dw| = {d:.2e}")
     assert d <= 1e-5
-    assert max_diff(w1, runs["init"]) > 1e-4  # the weights did move (the comparison is not vacuous)
-    meta = json.load(open(f"{runs['two']}/ckpt/uae.json"))
+    assert max_diff(w1, fsdp_runs["init"]) > 1e-4  # the weights did move (the comparison is not vacuous)
+    meta = json.load(open(f"{fsdp_runs['two']}/ckpt/uae.json"))
     assert meta["optim_sharded"] and meta["world"] == 2 and meta["transformer_full"]
-    assert not any(k.startswith("optim.") for k in load_file(f"{runs['two']}/ckpt/weights.safetensors"))
-    assert os.path.isfile(f"{runs['two']}/ckpt/sharded/.metadata")
-    assert not [n for n in os.listdir(runs["two"]) if n.startswith(".ckpt")]   # the staging folder moved in
-    back = runs.load_model(init=runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
+    assert not any(k.startswith("optim.") for k in load_file(f"{fsdp_runs['two']}/ckpt/weights.safetensors"))
+    assert os.path.isfile(f"{fsdp_runs['two']}/ckpt/sharded/.metadata")
+    assert not [n for n in os.listdir(fsdp_runs["two"]) if n.startswith(".ckpt")]   # the staging folder moved in
+    back = runs.load_model(init=fsdp_runs["two"])  # what every downstream script does: the full checkpoint loads unchanged
     assert torch.equal(back.transformer.transformer_blocks[0].attn.to_q.weight,
                        w2["transformer.transformer_blocks.0.attn.to_q.weight"])
 
 
 @pytest.mark.slow
-def test_fsdp_resume_two_ranks_to_one(runs):
-    part = runs["part2"]
+def test_fsdp_resume_two_ranks_to_one(fsdp_runs):
+    part = fsdp_runs["part2"]
     assert [r["step"] for r in read_log(part)] == [1, 2]
-    S.main(args_for(**{**vars(runs["a1"]), "fsdp": True, "resume": True, "out_dir": part}))
+    S.main(args_for(**{**vars(fsdp_runs["a1"]), "fsdp": True, "resume": True, "out_dir": part}))
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
-    d = max_diff(weights(part), weights(runs["two"]))
+    d = max_diff(weights(part), weights(fsdp_runs["two"]))
     print(f"\nresumed 2 -> 1 rank vs uninterrupted 2 ranks: max |dw| = {d:.2e}")
     assert d <= 1e-5
-    for ra, rb in zip(read_log(part), read_log(runs["two"])):
+    for ra, rb in zip(read_log(part), read_log(fsdp_runs["two"])):
         assert abs(ra["loss/total"] - rb["loss/total"]) <= 1e-5, ra["step"]
 
 
 @pytest.mark.slow
-def test_fsdp_resume_one_rank_to_two(runs):
-    part = runs["part1"]
-    wait(torchrun(runs["a2"], part, extra=["--resume", "true"]))
+def test_fsdp_resume_one_rank_to_two(fsdp_runs):
+    part = fsdp_runs["part1"]
+    wait(torchrun(fsdp_runs["a2"], part, extra=["--resume", "true"]))
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
-    d = max_diff(weights(part), weights(runs["one"]))
+    d = max_diff(weights(part), weights(fsdp_runs["one"]))
     print(f"\nresumed 1 -> 2 ranks vs uninterrupted 1 rank: max |dw| = {d:.2e}")
     assert d <= 1e-5
 
 
 @pytest.mark.slow
-def test_two_launchers_nnodes_2_equal_one_launcher(runs):
+def test_two_launchers_nnodes_2_equal_one_launcher(fsdp_runs):
     """The README's multi-node lines on one machine: torchrun --nnodes 2 --node_rank i --rdzv_backend c10d
     --rdzv_endpoint 127.0.0.1:PORT, one process per launcher; the result is bit-identical to one launcher with
     --nproc_per_node 2 (the `two` run)."""
-    out, port = os.path.join(os.path.dirname(runs["two"]), "nnodes"), free_port()
-    launchers = [torchrun(runs["a2"], out, launcher=["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+    out, port = os.path.join(os.path.dirname(fsdp_runs["two"]), "nnodes"), free_port()
+    launchers = [torchrun(fsdp_runs["a2"], out, launcher=["--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
                                                      "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                                                      "--rdzv_id=uae-test"]) for i in (0, 1)]
     wait(*launchers)
-    a, b = weights(out), weights(runs["two"])
+    a, b = weights(out), weights(fsdp_runs["two"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss/total"] for r in read_log(out)] == [r["loss/total"] for r in read_log(runs["two"])]
+    assert [r["loss/total"] for r in read_log(out)] == [r["loss/total"] for r in read_log(fsdp_runs["two"])]
 
 
 # ---------------------------------------------------------------------------------------------- pieces
