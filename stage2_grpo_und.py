@@ -7,7 +7,7 @@ image from each caption alone; the reward is cos(f_I(x), f_I(x~)); GRPO raises t
 captions that redraw better than their group.
 
 Launch (tiny, on a CPU, after stage1_coldstart.py's tiny lines; then Qwen2.5-VL-3B + SD3.5-large on 8 x 80 GB):
-  python stage2_grpo_und.py --init out/stage1 --data data/shapes/train/captions.jsonl --reward pixel \
+  python stage2_grpo_und.py --init out/stage1 --data data/shapes/train/captions.jsonl --resolution 64 --reward pixel \
       --steps 4 --G 4 --batch_size 2 --max_new_tokens 16 --sample_steps 4 --cfg 1.0 --lr 5e-3 --out_dir out/stage2
   torchrun --nproc_per_node=8 stage2_grpo_und.py --init out/stage1 --data images/ --reward clip --resolution 512 \
       --G 8 --batch_size 1 --micro_batch 4 --max_new_tokens 512 --sample_steps 20 --cfg 5.0 --lr 1e-5 \

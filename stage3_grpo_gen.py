@@ -7,7 +7,7 @@ the reward is R(x, x~) against the source; Flow-GRPO raises the likelihood of th
 transitions of the samples that redraw the source better than their group.
 
 Launch (tiny, on a CPU, after stage2_grpo_und.py's tiny line; then Qwen2.5-VL-3B + SD3.5-large on 8 x 80 GB):
-  python stage3_grpo_gen.py --init out/stage2 --data data/shapes/train/captions.jsonl --reward pixel \
+  python stage3_grpo_gen.py --init out/stage2 --data data/shapes/train/captions.jsonl --resolution 64 --reward pixel \
       --steps 4 --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --lr 1e-3 --out_dir out/stage3
   torchrun --nproc_per_node=8 stage3_grpo_gen.py --init out/stage2 --data images/ --reward clip --resolution 512 \
       --G 8 --dtype bf16 --grad_ckpt --out_dir out/stage3
