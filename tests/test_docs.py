@@ -5,6 +5,7 @@ its script takes; and the tiny commands (the fenced blocks marked `<!-- tiny -->
 scripts' docstrings) run as printed, in order, in a copy of the working tree."""
 import ast
 import glob
+import json
 import os
 import re
 import shlex
@@ -254,21 +255,50 @@ def test_invocation_reads_torchrun_lines():
     assert invocation(["python", "-c", "print(1)"]) is None
 
 
+# Runs each script's --help in one interpreter (torch and transformers imported once, not once a script).
+HELP = """
+import contextlib, io, json, os, runpy, sys
+out = {}
+for s in sys.argv[1:]:
+    buf, code = io.StringIO(), None
+    sys.argv, sys.path[0] = [s, "--help"], os.path.dirname(os.path.abspath(s))
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            runpy.run_path(s, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out[s] = [code, buf.getvalue()]
+print("HELP:" + json.dumps(out))
+"""
+
+
 @pytest.fixture(scope="module")
 def script_flags():
-    """script -> the option strings its --help lists (one process per script, run in parallel)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    """script -> the option strings its --help lists."""
     wanted = sorted({inv[0] for _, _, body, _ in shell_blocks() for _, w in commands(body) if (inv := invocation(w))}
                     | {inv[0] for f in SCRIPTS for c in docstring_commands(f) if (inv := invocation(words_of(c)))})
     wanted = [s for s in wanted if os.path.isfile(os.path.join(ROOT, s))]
-    procs = {s: subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for s in wanted}
-    out = {}
-    for s, p in procs.items():
-        text = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, f"{s} --help failed:\n{text[-2000:]}"
-        out[s] = set(re.findall(r"(?<![\w-])(--[\w-]+)", text))
-    return out
+    p = subprocess.run([sys.executable, "-c", HELP, *wanted], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=900)
+    assert p.returncode == 0 and "HELP:" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    helps = json.loads(p.stdout.rsplit("HELP:", 1)[1])
+    bad = {s: text[-500:] for s, (code, text) in helps.items() if code not in (0, None) or "--help" not in text}
+    assert not bad, f"--help failed: {bad}"
+    return {s: help_options(text) for s, (_, text) in helps.items()}
+
+
+def help_options(text):
+    """The option strings of an argparse --help: its option column (indented by at most 4 spaces, up to the two
+    spaces before the description), not the flags a description or an epilog mentions."""
+    cols = [m.group(1) for m in (re.match(r" {1,4}(-.*?)(?:  |$)", ln) for ln in text.splitlines()) if m]
+    return {f for c in cols for f in re.findall(r"--[\w-]+", c)}
+
+
+def test_help_options_are_the_option_column():
+    text = ("usage: x.py [-h] [--steps STEPS]\n\noptions:\n  -h, --help  show\n  --steps STEPS, --n-steps STEPS\n"
+            "                        how many (see --other)\n  --very_long_flag_name VERY_LONG  it\n\n"
+            "    python x.py --init out  # an epilog line\n")
+    assert help_options(text) == {"--help", "--steps", "--n-steps", "--very_long_flag_name"}
 
 
 @pytest.mark.slow
