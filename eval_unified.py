@@ -4,18 +4,16 @@ alone with the decoder, and score how similar the redrawing is to the source und
 backbones (CLIP, LongCLIP, DINOv2, DINOv3). Score = cosine similarity x 100 per pair; per
 backbone the mean over pairs; overall = the unweighted mean of the backbone means.
 
-Tiny (CPU, random weights, seconds):
-    python eval_unified.py --src imgs/ --out_dir out/ub_tiny --preset tiny --steps 2 --max_new_tokens 8 \
-        --clip_path tiny --longclip_path tiny --dinov2_path tiny --dinov3_path tiny
-Real benchmark (100 source images; how to get each backbone's weights: reward.py's REAL table):
-    torchrun --nproc_per_node=8 eval_unified.py --src data/unified_bench --init out/stage3/ckpt \
-        --out_dir out/unified_bench --clip_path weights/clip-vit-l14-openai \
-        --longclip_path weights/longclip-L.safetensors --dinov2_path facebook/dinov2-large \
-        --dinov3_path facebook/dinov3-vitl16-pretrain-lvd1689m
-  (--clip_path: an open_clip local dir of timm/vit_large_patch14_clip_224.openai, or empty to let
-  open_clip fetch OpenAI's ViT-L/14; --longclip_path: longclip-L.pt converted once to safetensors.)
+Tiny (CPU, random tiny backbones; the shapes world's held-out images after README.md's tiny chain):
+    python eval_unified.py --init out/stage3 --src data/shapes/val --out_dir out/bench --steps 4 --max_new_tokens 16 \
+        --batch_captions --batch_size 25 --clip_path tiny --longclip_path tiny --dinov2_path tiny --dinov3_path tiny
+Real benchmark (the 100 source images flat in data/unified_bench/; the weights: README.md, "The path to a real run"):
+    torchrun --nproc_per_node=8 eval_unified.py --init out/stage3 --src data/unified_bench --out_dir out/bench \
+        --longclip_path weights/longclip-L.safetensors
+  (--clip_path, --dinov2_path, --dinov3_path empty: the real weights from the Hugging Face cache; --longclip_path:
+  longclip-L.pt converted once to safetensors.)
 Score any system's reconstructions (pairs matched by file name stem, no model loaded):
-    python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out_dir out/ub_them
+    python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out_dir out/bench_theirs
 
 Outputs under --out: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
 (per-image scores, per-backbone mean/std/n, summary, problems) and a Markdown table on stdout with

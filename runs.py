@@ -159,7 +159,7 @@ def no_data(example):
     """The one line for a run without --data (the bare command on a fresh clone): what to run first."""
     return ("--data is required: a folder of images, or a .jsonl of {\"image\": path, \"caption\": text} lines. "
             f"To try the tiny shapes world first: python data/shapes/prepare.py && {example} "
-            "(README.md, 'Stages', has the whole chain)")
+            "(README.md, 'Stages on a CPU', has the whole chain)")
 
 
 def validate_run(args, stage, *, size, datasets=(), harmless=()):

@@ -2,11 +2,12 @@
 Try a UAE model by hand: caption an image, draw from a prompt, or reconstruct an image through
 its caption (image -> caption -> image), writing files a person can open.
 
-    python sample.py caption     --image x.png [--out caps/]         # prints + writes caps/x.txt
+    python sample.py caption     --image photo.jpg --out caps/        # prints + writes caps/photo.txt
     python sample.py generate    --prompt "a red fox" --out fox.png
-    python sample.py reconstruct --image x.png --out recon/          # x_caption.txt, x_recon.png, x_pair.png
-Model: a checkpoint directory (--init out/stage3/ckpt) or base models (--preset tiny|real).
-Tiny and fast (random weights, offline): add --preset tiny --steps 2 --max_new_tokens 8.
+    python sample.py reconstruct --image photo.jpg --out recon/      # photo_caption.txt, _recon.png, _pair.png
+Model: a checkpoint directory (--init out/stage3) or base models (--preset tiny|real; tiny is the default).
+Tiny and fast (random weights, offline): add --steps 2 --max_new_tokens 8, e.g.
+    python sample.py reconstruct --image data/shapes/val/00000.png --out out/sample --steps 2 --max_new_tokens 8
 Sampling defaults are the released demo's: temperature 0.7, 512 new tokens, 40 steps, CFG 5.0.
 """
 import os

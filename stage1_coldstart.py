@@ -11,20 +11,19 @@ Stage 0/1 — decoder pre-training (flow matching) and the semantic cold start (
 `fm+sem`: w_fm * L_fm + w_sem * L_sem on the same images.
 Flow convention (docs/algorithm.md §2): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = eps - x0, x0_hat = x_s - s v.
 
-Launch:
-  python data/shapes/prepare.py                                                  # tiny data, once
+Launch (tiny, on a CPU: the shapes world's data, then pre-training and the cold start; README.md's chain):
+  python data/shapes/prepare.py
   python stage1_coldstart.py --preset tiny --data data/shapes/train/captions.jsonl --objective fm \
-      --steps 60 --batch_size 8 --lr 1e-3 --out_dir out/stage1_fm                  # tiny pre-training, CPU
+      --steps 10 --batch_size 4 --lr 1e-3 --out_dir out/stage1_fm
   python stage1_coldstart.py --init out/stage1_fm --data data/shapes/train/captions.jsonl --objective sem \
-      --reward pixel --steps 10 --batch_size 4 --max_new_tokens 24 --out_dir out/stage1   # tiny cold start
+      --reward pixel --steps 4 --batch_size 2 --max_new_tokens 16 --out_dir out/stage1
   # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB: decoder pre-training (the full DiT needs --fsdp:
   # docs/operations.md, "Memory plan"), then the cold start from it
   torchrun --nproc_per_node=8 stage1_coldstart.py --preset real --data pairs/long_captions.jsonl \
       --objective fm --dit_full --fsdp --resolution 1024 --batch_size 2 --grad_accum 4 --lr 1e-4 --steps 20000 \
       --dtype bf16 --grad_ckpt --out_dir out/stage1_fm
   torchrun --nproc_per_node=8 stage1_coldstart.py --init out/stage1_fm --data images/ --objective sem \
-      --reward clip --reward_path weights/clip-vit-l-14 --resolution 512 --batch_size 2 \
-      --lr 2e-5 --steps 2000 --dtype bf16 --grad_ckpt --out_dir out/stage1
+      --reward clip --resolution 512 --batch_size 2 --lr 2e-5 --steps 2000 --dtype bf16 --grad_ckpt --out_dir out/stage1
 
 Where this departs from the paper (which gives no stage-1 hyper-parameters) and its released code
 (why: docs/algorithm.md §3):

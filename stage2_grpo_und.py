@@ -6,12 +6,12 @@ pre-stage environment (same LVLM with the adapter off -> projector g -> DiT -> V
 image from each caption alone; the reward is cos(f_I(x), f_I(x~)); GRPO raises the likelihood of
 captions that redraw better than their group.
 
-Launch:
-  python stage2_grpo_und.py --preset tiny --data data/shapes/train/captions.jsonl --resolution 64 --steps 20 \
-      --G 4 --max_new_tokens 32 --sample_steps 6 --reward pixel --out_dir out/stage2-tiny   # tiny, CPU
-  torchrun --nproc_per_node=8 stage2_grpo_und.py --init out/stage1 --data images/ \
-      --reward clip --reward_path weights/clip-vit-l-14 --dtype bf16 \
-      --grad_ckpt --resolution 512 --out_dir out/stage2              # Qwen2.5-VL-3B + SD3.5-large, 8 x 80 GB
+Launch (tiny, on a CPU, after stage1_coldstart.py's tiny lines; then Qwen2.5-VL-3B + SD3.5-large on 8 x 80 GB):
+  python stage2_grpo_und.py --init out/stage1 --data data/shapes/train/captions.jsonl --resolution 64 --reward pixel \
+      --steps 4 --G 4 --batch_size 2 --max_new_tokens 16 --sample_steps 4 --cfg 1.0 --lr 5e-3 --out_dir out/stage2
+  torchrun --nproc_per_node=8 stage2_grpo_und.py --init out/stage1 --data images/ --reward clip --resolution 512 \
+      --G 8 --batch_size 1 --micro_batch 4 --max_new_tokens 512 --sample_steps 20 --cfg 5.0 --lr 1e-5 \
+      --dtype bf16 --grad_ckpt --out_dir out/stage2
 
 Where this departs from the paper (which gives no RL hyper-parameters) and from TRL's GRPO
 (why: docs/algorithm.md §4):

@@ -6,13 +6,11 @@ with a fresh LoRA) draws G images from c with a stochastic (SDE) sampler, each f
 the reward is R(x, x~) against the source; Flow-GRPO raises the likelihood of the denoising
 transitions of the samples that redraw the source better than their group.
 
-Launch:
-  python stage3_grpo_gen.py --preset tiny --data data/shapes/train/captions.jsonl --resolution 64 \
-      --steps 4 --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --reward pixel \
-      --lr 1e-2 --eval_every 2 --sample_every 2 --out_dir out/stage3-tiny       # tiny, CPU, seconds
-  torchrun --nproc_per_node=8 stage3_grpo_gen.py --init out/stage2 --data images/ \
-      --reward clip --reward_path weights/clip-vit-l-14 --dtype bf16 --grad_ckpt \
-      --out_dir out/stage3            # Qwen2.5-VL-3B + SD3.5-large from the init checkpoint, 512 px, 8 x 80 GB
+Launch (tiny, on a CPU, after stage2_grpo_und.py's tiny line; then Qwen2.5-VL-3B + SD3.5-large on 8 x 80 GB):
+  python stage3_grpo_gen.py --init out/stage2 --data data/shapes/train/captions.jsonl --resolution 64 --reward pixel \
+      --steps 4 --G 4 --groups 2 --sample_steps 4 --eval_steps 4 --max_new_tokens 16 --lr 1e-3 --out_dir out/stage3
+  torchrun --nproc_per_node=8 stage3_grpo_gen.py --init out/stage2 --data images/ --reward clip --resolution 512 \
+      --G 8 --dtype bf16 --grad_ckpt --out_dir out/stage3
 The defaults are the real run's. A learning run on the tiny preset: tests/test_stage3.py::test_pixel_reward_rises.
 
 Where this departs from the paper (which gives no RL details for this stage) and from Flow-GRPO

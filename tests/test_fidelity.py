@@ -188,9 +188,9 @@ def test_timesteps_reach_the_dit_in_fp32(tiny_uae):
 
 
 def _real_lines():
-    """The README's real launch lines of its "Stages" section (torchrun --nproc_per_node=8 stageN ...), as
-    (script, [flags])."""
-    text = open(os.path.join(ROOT, "README.md")).read().split("\n## Stages", 1)[1].split("\n## ", 1)[0]
+    """The README's real launch lines, its "3. Launch, 8 x 80 GB" block (torchrun --nproc_per_node=8 stageN ...),
+    as (script, [flags])."""
+    text = open(os.path.join(ROOT, "README.md")).read().split("\n**3. Launch", 1)[1].split("\n**4.", 1)[0]
     text = text.replace("\\\n", " ")
     out = []
     for line in text.splitlines():

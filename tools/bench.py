@@ -7,12 +7,13 @@ fixed calibration workload timed around it (calibration()), and the verdicts aga
 peers on the same work: TRL's GRPOTrainer, Flow-GRPO) use step / calibration, so they hold on a faster or slower
 machine. Stage 3 runs as its script does by default, with the caption cache, and without it in alternate rounds.
 
-  python bench.py --preset tiny --stage all        # the target workloads (CPU, 2 threads)
-  python bench.py --preset tiny --threads 1        # the 1-thread targets: steadier when other jobs share the CPUs
-  python bench.py --preset tiny --sweep            # + step time vs G, caption length, SDE steps, resolution; cache vs K
-  python bench.py --preset small                   # random LVLM 256 x 4 layers, DiT 4 x 4 heads x 32, 128 px
-  python bench.py --preset real                    # GPU only: Qwen2.5-VL-3B + SD3.5-large sizes, random, bf16
-  python bench.py --quick [--sweep]                # CI: 1 warm-up + 2 steps (2-point sweeps of 1 step)
+  python tools/bench.py --preset tiny --stage all  # the target workloads (CPU, 2 threads)
+  python tools/bench.py --preset tiny --threads 1  # the 1-thread targets: steadier when other jobs share the CPUs
+  python tools/bench.py --preset tiny --sweep      # + step time vs G, caption length, SDE steps, resolution; cache vs K
+  python tools/bench.py --preset small             # random LVLM 256 x 4 layers, DiT 4 x 4 heads x 32, 128 px
+  python tools/bench.py --preset real              # GPU only: Qwen2.5-VL-3B + SD3.5-large sizes, random, bf16
+  python tools/bench.py --quick --sweep            # CI: 1 warm-up + 2 steps (2-point sweeps of 1 step)
+  python tools/bench.py --preset real --plan       # CPU: the memory plan of the real launches (docs/operations.md)
 
 Memory: CPU = the process's peak RSS (resource.getrusage; its high-water mark is reset per stage via
 /proc/self/clear_refs where Linux allows), GPU = torch.cuda.max_memory_allocated per stage.
@@ -68,7 +69,7 @@ SWEEPS = {"stage2": [("G", [2, 4, 8]), ("max_new_tokens", [16, 32, 64])],  # --q
 PEER_RATIOS = {2: {"stage2": 0.76, "stage3": 0.47}, 1: {"stage2": 0.86, "stage3": 0.67}}  # issue #18, as-is / peer
 TRL_S_PER_STEP = {2: 0.345, 1: 0.368}                                                      # issue #18
 # AS_IS: pooled medians of step / calibration of the as-is steps, 2 threads: 3 runs x 11 rounds, quiet machine;
-# 1 thread: 3 runs x 15 rounds, load 3-5 (python bench.py --iters 15 [--threads 1], stage2 and stage3_no_cache).
+# 1 thread: 3 runs x 15 rounds, load 3-5 (python tools/bench.py --iters 15 [--threads 1], stage2 and stage3_no_cache).
 AS_IS = {2: {"stage2": 10.21, "stage3": 13.62}, 1: {"stage2": 7.72, "stage3": 10.50}}
 CALIB_REF_S = {t: TRL_S_PER_STEP[t] * PEER_RATIOS[t]["stage2"] / AS_IS[t]["stage2"] for t in AS_IS}
 PEERS = {t: {"stage2": {"peer": "TRL GRPOTrainer", "peer_value": TRL_S_PER_STEP[t], "unit": "s/step", "factor": 0.8,

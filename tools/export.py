@@ -2,8 +2,8 @@
 Export a UAE run to the folders transformers, diffusers and peft load, so that what a stage trained
 can be used without this repository's checkpoint format.
 
-    python export.py --init out/stage3 --out out/export                   # every LoRA merged
-    python export.py --init out/stage3 --out out/export --keep_adapters   # the last stage's LoRA as peft folders
+    python tools/export.py --init out/stage3 --out out/export                        # every LoRA merged
+    python tools/export.py --init out/stage3 --out out/export_lora --keep_adapters   # the last LoRA as peft folders
 
 Writes under --out (built in a temporary folder next to it, then renamed into place):
   encoder/                 Qwen2.5-VL + processor: Qwen2_5_VLForConditionalGeneration / AutoProcessor

@@ -3,10 +3,12 @@ Start from the authors' released UAE (https://huggingface.co/zhiyuanyan1/UAE, in
 github.com/PKU-YuanGroup/UAE): read its checkpoint layout once and write this project's own
 checkpoint, which every script then loads like one of ours.
 
-    python tools/released.py weights/UAE out/uae-released --decoder weights/sd3.5-large   # convert once
-    python eval_unified.py --init out/uae-released ...                             # then any script
-    python eval_unified.py --init released:weights/UAE --decoder weights/sd3.5-large ...   # or convert on
-        # first use into $UAE_HOME/released-<hash>/ (reused afterwards; ranks wait on a file lock)
+    python tools/released.py weights/UAE weights/uae-released     # convert once (docs/released.md)
+    python eval_unified.py --init weights/uae-released --preset_sampling released --src data/unified_bench \
+        --out_dir out/bench_released --longclip_path weights/longclip-L.safetensors      # then any script
+    python eval_unified.py --init released:weights/UAE --preset_sampling released --src data/unified_bench \
+        --out_dir out/bench_released --longclip_path weights/longclip-L.safetensors
+        # or convert on first use into $UAE_HOME/released-<hash>/ (reused afterwards; ranks wait on a file lock)
 
 The release (the demo's Checkpoints/ names; llm_model/ and SD3/ as other loaders name them also work):
     llm/                     Qwen2.5-VL-3B subclass saved with save_pretrained; its state dict also holds
