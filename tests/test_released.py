@@ -1,13 +1,16 @@
 """The authors' release (released.py): a synthetic release -- the tiny model written in the released
 layout and key names, as the demo's code would save and load it -- gives the same weights, seeded
 captions and images as the same weights in this project's own checkpoint; a renamed, dropped or
-reshaped key is an error naming it; eval and stages 2 and 3 run from `--init released:DIR`."""
+reshaped key is an error naming it; eval and stages 2 and 3 run from `--init released:DIR`, the RL stages
+on the release's own prompt. `sample.py --preset_sampling released` gives the captions and images of the
+authors' inference demo, re-implemented here with plain transformers, diffusers and peft (DemoRelease)."""
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -23,9 +26,14 @@ from tools import released as R
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Qwen2.5-VL-3B-Instruct's first published generation_config.json (its sampling fields): near-greedy
+QWEN_GENERATION_CONFIG = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+
+
 def write_release(m, tiny_encoder, tiny_decoder, out):
     """m: a tiny UAE with a DiT, a projector and live LoRAs (encoder: all-linear on .model, r 32, alpha 64;
-    DiT: any) -> the release layout under out/Checkpoints, written the way the released code would."""
+    DiT: any) -> the release layout under out/Checkpoints, written the way the released code would, with
+    a Qwen-style llm/generation_config.json and SD3/ (the base's VAE, scheduler, CLIP text encoders)."""
     from peft import LoraConfig, get_peft_model
     from diffusers import SD3Transformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
@@ -40,6 +48,10 @@ def write_release(m, tiny_encoder, tiny_decoder, out):
     save_file(t, f"{ck}/llm/model.safetensors", metadata={"format": "pt"})
     cfg = json.load(open(f"{ck}/llm/config.json"))
     json.dump({**cfg, "architectures": ["Qwen2_5_VLWithLongContext"]}, open(f"{ck}/llm/config.json", "w"))
+    tc = cfg["text_config"]  # as Qwen's file: bos/pad <|endoftext|>, eos <|im_end|> and <|endoftext|>
+    json.dump({"bos_token_id": tc["bos_token_id"], "pad_token_id": tc["pad_token_id"],
+               "eos_token_id": [tc["eos_token_id"], tc["bos_token_id"]], **QWEN_GENERATION_CONFIG},
+              open(f"{ck}/llm/generation_config.json", "w"), indent=1)
     # llm_lora: the whole state dict after get_peft_model wrapped the inner .model, in 3 shards
     llm.model = get_peft_model(llm.model, LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules="all-linear"))
     llm.projector = m.projector
@@ -63,6 +75,18 @@ def write_release(m, tiny_encoder, tiny_decoder, out):
     pm.load_state_dict({f"base_model.model.{k}": v for k, v in ours.items()}, strict=False)
     assert {k[len("base_model.model."):] for k in pm.state_dict() if "lora_" in k} == set(ours)
     pm.save_pretrained(f"{ck}/dit_lora")
+    # SD3/: the base's folder as the demo loads it (StableDiffusion3Pipeline.from_pretrained); the tiny base has
+    # no T5 (the demo reads only the CLIP pooled embedding of "" from the text encoders)
+    for sub in ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(os.path.join(tiny_decoder, sub), f"{ck}/SD3/{sub}")
+    lib = lambda name: ["diffusers" if name in ("AutoencoderKL", "FlowMatchEulerDiscreteScheduler", "SD3Transformer2DModel")
+                        else "transformers", name]
+    json.dump({"_class_name": "StableDiffusion3Pipeline", "vae": lib("AutoencoderKL"),
+               "scheduler": lib("FlowMatchEulerDiscreteScheduler"), "transformer": lib("SD3Transformer2DModel"),
+               "text_encoder": lib("CLIPTextModelWithProjection"), "text_encoder_2": lib("CLIPTextModelWithProjection"),
+               "tokenizer": lib("CLIPTokenizer"), "tokenizer_2": lib("CLIPTokenizer"), "text_encoder_3": [None, None],
+               "tokenizer_3": [None, None]},
+              open(f"{ck}/SD3/model_index.json", "w"), indent=1)
     return out
 
 
@@ -191,3 +215,156 @@ def test_scripts_run_from_release(release, tmp_path):
     for s in ("s2", "s3"):
         meta, _ = ck.read_checkpoint(str(tmp_path / s))
         assert meta["step"] == 2 and meta["base"]["encoder"].startswith(images.UAE_HOME), meta["base"]
+
+
+# ---------------------------------------------------------------------------------------------- the demo, exactly
+# The authors' inference demo (github.com/PKU-YuanGroup/UAE: load_models, gen_prompt, get_prompt_embeds, gen_image),
+# its calls re-implemented with plain transformers, diffusers and peft, none of this repository's code; the tiny
+# model's sizes in place of the real ones (projector width, 64 px output instead of 1024).
+
+def qwen_fetch_image(path):
+    """qwen_vl_utils.process_vision_info for one {"image": path}: fetch_image (PIL, alpha on white, smart_resize to
+    multiples of patch x merge within its published minimum and maximum token counts, PIL's default resize)."""
+    im = Image.open(path)
+    if im.mode == "RGBA":
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.split()[3])
+        im = bg
+    else:
+        im = im.convert("RGB")
+    f, lo, hi = 28, 4 * 28 * 28, 16384 * 28 * 28
+    w, h = im.size
+    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if hb * wb > hi:
+        beta = (h * w / hi) ** 0.5
+        hb, wb = int(h / beta // f) * f, int(w / beta // f) * f
+    elif hb * wb < lo:
+        beta = (lo / (h * w)) ** 0.5
+        hb, wb = -(-h * beta // f) * f, -(-w * beta // f) * f
+    return im.resize((int(wb), int(hb)))
+
+
+class DemoRelease:
+    """load_models + gen_prompt + get_prompt_embeds + gen_image of the demo, on a release folder."""
+
+    def __init__(self, release, size):
+        from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import (AutoProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                                  Qwen2_5_VLForConditionalGeneration)
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        c = os.path.join(release, "Checkpoints")
+        jd = json.load(open(f"{c}/dit/config.json"))["joint_attention_dim"]
+
+        class LongContext(Qwen2_5_VLForConditionalGeneration):  # Qwen2_5_VLWithLongContext: the projector inside
+            def __init__(self, config):
+                super().__init__(config)
+                h = config.text_config.hidden_size
+                self.projector = nn.Sequential(nn.Linear(h, 2 * jd), nn.GELU(), nn.Linear(2 * jd, jd))
+
+            def get_projected_embeddings(self, input_ids=None, attention_mask=None, **kw):
+                out = super().forward(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                      return_dict=True, **kw)
+                return self.projector(out.hidden_states[-1])
+
+        # the transformers of the demo's time read the legacy key names save_pretrained writes into a subclass too;
+        # transformers >= 5 does only for classes registered so (without it: a random LLM, and a warning)
+        register_checkpoint_conversion_mapping(
+            "LongContext", get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"), overwrite=True)
+        self.llm = LongContext.from_pretrained(f"{c}/llm", dtype=torch.float32)
+        self.llm.model = get_peft_model(self.llm.model, LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
+                                                                   target_modules="all-linear"))
+        sd = {}
+        for i in range(1, 4):
+            sd.update(load_file(f"{c}/llm_lora/model-0000{i}-of-00003.safetensors"))
+        self.llm.load_state_dict(sd, strict=False)
+        self.llm.eval()
+        self.processor = AutoProcessor.from_pretrained(f"{c}/llm_model_preprocessor")
+        transformer = SD3Transformer2DModel.from_pretrained(f"{c}/dit")
+        vae = AutoencoderKL.from_pretrained(f"{c}/SD3", subfolder="vae")
+        pooled = []  # encode_prompt(..., prompt="") -> pooled: CLIP-L and CLIP-G text_embeds of "", concatenated
+        for te, tk in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            tok = CLIPTokenizer.from_pretrained(f"{c}/SD3", subfolder=tk)
+            enc = CLIPTextModelWithProjection.from_pretrained(f"{c}/SD3", subfolder=te)
+            ids = tok([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                pooled.append(enc(ids, output_hidden_states=True)[0])
+        self.pooled = torch.cat(pooled, -1)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(f"{c}/SD3", vae=vae, transformer=transformer,
+                                                             text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+                                                             tokenizer_3=None)  # the tiny SD3/ has no T5: unused here
+        self.pipe.transformer = PeftModel.from_pretrained(self.pipe.transformer, f"{c}/dit_lora")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.size = size
+
+    @torch.no_grad()
+    def gen_prompt(self, path):
+        messages = [{"role": "user", "content": [{"type": "text", "text": M.RELEASED_INSTRUCTION},
+                                                 {"type": "image", "image": path}]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[text], images=[qwen_fetch_image(path)], videos=None, return_tensors="pt", padding=True)
+        ids = self.llm.generate(**inputs, max_new_tokens=512, do_sample=True, temperature=0.7)
+        return self.processor.batch_decode([o[len(i):] for i, o in zip(inputs.input_ids, ids)], skip_special_tokens=True)[0]
+
+    @torch.no_grad()
+    def get_prompt_embeds(self, prompt):
+        def input_ids(p):
+            msgs = [{"role": "generate", "content": [{"type": "text", "text": p}]}]
+            text = self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.processor.tokenizer.encode(text, return_tensors="pt")[0]
+        pad = self.processor.tokenizer.pad_token_id
+        ids = nn.utils.rnn.pad_sequence([input_ids(M.NEGATIVE_PROMPT), input_ids(prompt)], batch_first=True,
+                                        padding_value=pad)
+        return self.llm.get_projected_embeddings(input_ids=ids, attention_mask=ids.ne(pad)).chunk(2, dim=0)
+
+    @torch.no_grad()
+    def gen_image(self, text, seed=42):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        neg, pos = self.get_prompt_embeds(text)
+        return self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=self.pooled,
+                         negative_pooled_prompt_embeds=self.pooled, height=self.size, width=self.size,
+                         num_inference_steps=40, guidance_scale=5.0, generator=generator).images[0]
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    """A non-square image, a square one and noise, at small sizes."""
+    d = tmp_path_factory.mktemp("demo-images")
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 72), indexing="ij")
+    wide = torch.stack([xx, yy, 1 - xx * yy]) * 255
+    Image.fromarray(wide.permute(1, 2, 0).round().byte().numpy()).save(d / "wide.png")
+    sq = Image.new("RGB", (48, 48), (30, 90, 200))
+    sq.paste((240, 200, 20), (8, 12, 30, 40))
+    sq.save(d / "square.png")
+    Image.fromarray(torch.randint(0, 256, (52, 36, 3), generator=g, dtype=torch.uint8).numpy()).save(d / "noise.png")
+    return {k: str(d / f"{k}.png") for k in ("wide", "square", "noise")}
+
+
+@pytest.mark.slow
+def test_sample_py_released_is_the_demo(release, demo_images, tmp_path, capsys):
+    """sample.py caption | reconstruct | generate --init released:DIR --preset_sampling released, no other flag:
+    the demo's captions exactly and its images within 2/255 (the release carries Qwen's first published
+    generation_config.json and SD3/)."""
+    import sample
+    rel = release[0]
+    demo = DemoRelease(rel, 64)
+    init = ["--init", f"released:{rel}", "--preset_sampling", "released"]
+    for name, path in demo_images.items():
+        sample.main(["caption", *init, "--image", path, "--out", str(tmp_path / "caps")])
+        want = demo.gen_prompt(path)
+        assert open(tmp_path / "caps" / f"{name}.txt").read() == want + "\n", name
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("released sampling:"))
+    assert "top_k=1 (generation_config.json)" in line and "repetition_penalty=1.05 (generation_config.json)" in line
+    assert "temperature=0.7 (call)" in line and ": greedy" in line
+    sample.main(["reconstruct", *init, "--image", demo_images["wide"], "--out", str(tmp_path / "rec")])
+    text = open(tmp_path / "rec" / "wide_caption.txt").read()[:-1]
+    assert text == demo.gen_prompt(demo_images["wide"]) and text
+    ours = np.asarray(Image.open(tmp_path / "rec" / "wide_recon.png"), dtype=np.int16)
+    theirs = np.asarray(demo.gen_image(text), dtype=np.int16)
+    assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 2
+    prompt = "a red circle at the top left of a blue background"
+    sample.main(["generate", *init, "--prompt", prompt, "--out", str(tmp_path / "gen.png")])
+    ours = np.asarray(Image.open(tmp_path / "gen.png"), dtype=np.int16)
+    theirs = np.asarray(demo.gen_image(prompt), dtype=np.int16)
+    assert np.abs(ours - theirs).max() <= 2 and theirs.std() > 5  # an image, not a flat field
