@@ -175,6 +175,61 @@ BROKEN = {  # what is changed -> the words the error must contain
 }
 
 
+def test_locate_uses_sd3_inside_and_falls_back_to_the_base_processor(release, tiny_paths, tmp_path, monkeypatch, capsys):
+    rel, _, sd3 = release
+    p = R.locate(rel)
+    assert p["sd3"] == os.path.join(rel, "Checkpoints", "SD3") and p["processor"].endswith("llm_model_preprocessor")
+    assert R.locate(rel, sd3=sd3)["sd3"] == sd3                                 # --decoder wins
+    assert "base model" not in capsys.readouterr().out
+    copy = shutil.copytree(rel, tmp_path / "UAE")                               # a processor without its tokenizer
+    os.remove(copy / "Checkpoints" / "llm_model_preprocessor" / "tokenizer.json")
+    monkeypatch.setattr(R, "BASE_PROCESSOR", tiny_paths[0])                     # the hub's Qwen, offline
+    out = R.convert(str(copy), str(tmp_path / "out"))
+    said = capsys.readouterr().out
+    assert f"using {tiny_paths[0]}, the base model's" in said and "llm_model_preprocessor" in said
+    assert os.path.isfile(os.path.join(out, "encoder", "tokenizer.json"))
+    # the llm's generation_config.json travels as it is: the preset merges it as the demo's generate() does
+    rel_gc = open(copy / "Checkpoints" / "llm" / "generation_config.json").read()
+    assert open(os.path.join(out, "encoder", "generation_config.json")).read() == rel_gc
+    assert json.loads(rel_gc)["top_k"] == QWEN_GENERATION_CONFIG["top_k"]
+
+
+def test_qwen_resize_rule_is_the_published_one(tmp_path):
+    """qwen_vl_utils' constants and smart_resize (values its published smart_resize(h, w, factor=28) returns),
+    and qwen_image: that size, alpha on white, no crop."""
+    assert (R.QWEN_FACTOR, R.QWEN_MIN_PIXELS, R.QWEN_MAX_PIXELS, R.QWEN_MAX_RATIO) == (28, 3136, 12845056, 200)
+    cases = {(48, 48): (56, 56), (40, 100): (28, 112), (4000, 6000): (2912, 4368), (21, 13): (84, 56),
+             (64, 96): (56, 84), (1080, 1920): (1092, 1932), (50, 70): (56, 56), (28, 5000): (28, 5012)}
+    assert {hw: R.smart_resize(*hw) for hw in cases} == cases
+    with pytest.raises(images.ImageError, match="aspect ratio"):
+        R.smart_resize(10, 2500)
+    im = Image.new("RGBA", (100, 40), (255, 0, 0, 0))
+    im.paste((0, 0, 255, 255), (0, 0, 50, 40))
+    im.save(tmp_path / "a.png")
+    q = R.qwen_image(str(tmp_path / "a.png"))
+    assert q.mode == "RGB" and q.size == (112, 28)                              # (w, h): the whole image, resized
+    assert q.getpixel((100, 14)) == (255, 255, 255) and q.getpixel((10, 14)) == (0, 0, 255)
+
+
+QWEN_NOW = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06}  # the hub file today (sampling fields)
+
+
+@pytest.mark.parametrize("file, top_k", [(QWEN_GENERATION_CONFIG, 1), (QWEN_NOW, 50), ({}, 50)], ids=["first", "now", "none"])
+def test_generation_settings_are_what_transformers_merges(tiny_paths, file, top_k):
+    """Sampling.effective (the start line) = the config transformers' generate() runs with, for the demo's call
+    and with flags; which generation_config.json the release carries decides whether its captions are greedy."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_paths[0])
+    enc.generation_config = GenerationConfig(**file)
+    for s in (R.Sampling(), R.Sampling(temperature=0.3, top_k=5, top_p=0.9, repetition_penalty=1.2), R.Sampling(temperature=0)):
+        got = enc._prepare_generation_config(None, **s.generate_kwargs())[0]
+        eff = s.effective(enc.generation_config)
+        assert {k: v for k, (v, _) in eff.items()} == {k: getattr(got, k) for k in eff}, (file, s)
+    eff = R.Sampling().effective(enc.generation_config)  # the demo's call: greedy only under the first file
+    assert eff["top_k"][0] == top_k and eff["temperature"] == (0.7, "call") and eff["do_sample"] == (True, "call")
+    assert eff["repetition_penalty"][0] == file.get("repetition_penalty", 1.0)
+
+
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_every_key_is_accounted_for(release, tmp_path, case):
     rel, _, sd3 = release
@@ -209,12 +264,43 @@ def test_scripts_run_from_release(release, tmp_path):
         "--max_new_tokens", 8, "--out", tmp_path / "caps")
     assert (tmp_path / "caps" / "im0.txt").is_file()
     tiny = ["--data", src, "--resolution", 32, "--G", 2, "--max_new_tokens", 8, "--sample_steps", 2, "--reward", "pixel",
-            "--steps", 2, "--eval_every", 0, "--sample_every", 0, "--save_every", 100]
-    run("stage2_grpo_und.py", *init, *tiny, "--batch_size", 1, "--micro_batch", 2, "--cfg", 1.0, "--out_dir", tmp_path / "s2")
+            "--steps", 2, "--eval_every", 0, "--sample_every", 0, "--save_every", 100,
+            "--instruction", "released", "--instruction_first", "true"]          # RL on the release's own prompt
+    s2 = [*init, *tiny, "--batch_size", 1, "--micro_batch", 2, "--cfg", 1.0, "--out_dir", tmp_path / "s2"]
+    run("stage2_grpo_und.py", *s2)
     run("stage3_grpo_gen.py", *init, *tiny, "--groups", 1, "--eval_steps", 2, "--out_dir", tmp_path / "s3")
     for s in ("s2", "s3"):
         meta, _ = ck.read_checkpoint(str(tmp_path / s))
         assert meta["step"] == 2 and meta["base"]["encoder"].startswith(images.UAE_HOME), meta["base"]
+        assert (meta["args"]["instruction"], meta["args"]["instruction_first"]) == ("released", True)
+    head = json.loads(open(tmp_path / "s3" / "captions.jsonl").readline())
+    assert (head["instruction"], head["instruction_first"]) == (M.RELEASED_INSTRUCTION, True)
+    for flag, value in (("--instruction", ""), ("--instruction_first", "false")):  # --resume keeps the prompt
+        p = subprocess.run([sys.executable, "stage2_grpo_und.py", *map(str, s2), "--steps", "3", "--resume", flag, value],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert p.returncode == 2 and f"{flag} " in p.stderr and "trained with other settings" in p.stderr, p.stderr[-2000:]
+
+
+def test_rl_stages_caption_on_the_prompt_they_are_given(tmp_path, monkeypatch):
+    """--instruction / --instruction_first reach every captioning call of stages 2 and 3 (rollouts, the caption
+    cache, fresh captions, the fixed evals)."""
+    import stage2_grpo_und as S2
+    import stage3_grpo_gen as S3
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (200, 60 * i, 30)).save(src / f"im{i}.png")
+    seen, orig = [], M.UAE.caption_inputs
+    monkeypatch.setattr(M.UAE, "caption_inputs", lambda self, x, instruction=M.INSTRUCTION, instruction_first=False:
+                        seen.append((instruction, instruction_first)) or orig(self, x, instruction, instruction_first))
+    tiny = ["--preset", "tiny", "--data", str(src), "--resolution", "32", "--G", "2", "--max_new_tokens", "4",
+            "--sample_steps", "2", "--reward", "pixel", "--steps", "1", "--eval_every", "1", "--eval_images", "1",
+            "--sample_every", "0", "--instruction", "released", "--instruction_first", "true"]
+    S2.main(tiny + ["--eval_G", "2", "--cfg", "1.0", "--out_dir", str(tmp_path / "s2")])
+    n2 = len(seen)
+    for k in ("2", "0"):  # the cache, and a fresh caption at every visit
+        S3.main(tiny + ["--eval_steps", "2", "--captions_per_image", k, "--out_dir", str(tmp_path / f"s3-{k}")])
+    assert n2 >= 2 and len(seen) >= n2 + 4 and set(seen) == {(M.RELEASED_INSTRUCTION, True)}
 
 
 # ---------------------------------------------------------------------------------------------- the demo, exactly
@@ -247,7 +333,7 @@ def qwen_fetch_image(path):
 class DemoRelease:
     """load_models + gen_prompt + get_prompt_embeds + gen_image of the demo, on a release folder."""
 
-    def __init__(self, release, size):
+    def __init__(self, release, size, dtype=torch.float32):
         from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import (AutoProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -271,7 +357,7 @@ class DemoRelease:
         # transformers >= 5 does only for classes registered so (without it: a random LLM, and a warning)
         register_checkpoint_conversion_mapping(
             "LongContext", get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"), overwrite=True)
-        self.llm = LongContext.from_pretrained(f"{c}/llm", dtype=torch.float32)
+        self.llm = LongContext.from_pretrained(f"{c}/llm", dtype=dtype)
         self.llm.model = get_peft_model(self.llm.model, LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
                                                                    target_modules="all-linear"))
         sd = {}
@@ -280,19 +366,20 @@ class DemoRelease:
         self.llm.load_state_dict(sd, strict=False)
         self.llm.eval()
         self.processor = AutoProcessor.from_pretrained(f"{c}/llm_model_preprocessor")
-        transformer = SD3Transformer2DModel.from_pretrained(f"{c}/dit")
-        vae = AutoencoderKL.from_pretrained(f"{c}/SD3", subfolder="vae")
+        transformer = SD3Transformer2DModel.from_pretrained(f"{c}/dit", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(f"{c}/SD3", subfolder="vae", torch_dtype=dtype)
         pooled = []  # encode_prompt(..., prompt="") -> pooled: CLIP-L and CLIP-G text_embeds of "", concatenated
         for te, tk in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             tok = CLIPTokenizer.from_pretrained(f"{c}/SD3", subfolder=tk)
-            enc = CLIPTextModelWithProjection.from_pretrained(f"{c}/SD3", subfolder=te)
+            enc = CLIPTextModelWithProjection.from_pretrained(f"{c}/SD3", subfolder=te, torch_dtype=dtype)
             ids = tok([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 pooled.append(enc(ids, output_hidden_states=True)[0])
         self.pooled = torch.cat(pooled, -1)
         self.pipe = StableDiffusion3Pipeline.from_pretrained(f"{c}/SD3", vae=vae, transformer=transformer,
                                                              text_encoder=None, text_encoder_2=None, text_encoder_3=None,
-                                                             tokenizer_3=None)  # the tiny SD3/ has no T5: unused here
+                                                             tokenizer_3=None,  # the tiny SD3/ has no T5: unused here
+                                                             torch_dtype=dtype)
         self.pipe.transformer = PeftModel.from_pretrained(self.pipe.transformer, f"{c}/dit_lora")
         self.pipe.set_progress_bar_config(disable=True)
         self.size = size
