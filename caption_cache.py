@@ -87,7 +87,8 @@ def read_caption_cache(path, header):
         head, rows = lines[0], {int(d["i"]): list(d["captions"]) for d in lines[1:]}
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CaptionCacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to caption again") from None
-    diff = {k: (head.get(k, HEADER_SINCE.get(k)), v) for k, v in header.items() if head.get(k, HEADER_SINCE.get(k)) != v}
+    was = {k: head.get(k, HEADER_SINCE.get(k)) for k in header}
+    diff = {k: (was[k], v) for k, v in header.items() if was[k] != v}
     if diff:
         raise CaptionCacheError(
             f"{path} holds captions of another run (this file's value, this run's): {diff}. Delete it to caption "

@@ -360,7 +360,8 @@ def generate(args, items, rank, device, dtype):
 
 def main(argv=None):
     args = runs.parse_args(Args, argv)
-    released.apply_sampling_preset(args, args.preset_sampling, () if isinstance(argv, Args) else released.flags_given(argv))
+    given = () if isinstance(argv, Args) else released.flags_given(argv)
+    released.apply_sampling_preset(args, args.preset_sampling, given)
     if args.preset_sampling != "released":  # this project's captioning: the untruncated distribution unless asked
         runs.need(args.repetition_penalty is None, "--repetition_penalty: only with --preset_sampling released "
                                                    "(this project's captioning samples without one)")

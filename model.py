@@ -31,7 +31,8 @@ INSTRUCTION = ("You are an expert vision-language model. Your task is: Given an 
 # the released demo's captioning question, verbatim (its gen_prompt puts it before the image: instruction_first)
 RELEASED_INSTRUCTION = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
                         "**textual description** of the image. If there is text in the image, transcribe it inside "
-                        "double quotes \"\".  \nNow, carefully analyze the input image and output the full description. ")
+                        "double quotes \"\".  \nNow, carefully analyze the input image and output the full "
+                        "description. ")
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
 REAL_ENCODER = "Qwen/Qwen2.5-VL-3B-Instruct"
 REAL_DECODER = "stabilityai/stable-diffusion-3.5-large"

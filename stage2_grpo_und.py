@@ -236,8 +236,9 @@ def main(argv=None):
         x = x.to(device)                                                         # (B, 3, H, W)
         # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached generate
         m.eval()
-        gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                   instruction=M.instruction_text(args.instruction), instruction_first=args.instruction_first)
+        gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   max_new_tokens=args.max_new_tokens, instruction=M.instruction_text(args.instruction),
+                   instruction_first=args.instruction_first)
         if args.seed_per_group:
             roll = m.sample_captions_seeded(x, [T.seed_of(args.seed, gid, "caption") for gid in gids], **gen)
         else:
@@ -390,7 +391,8 @@ def evaluate(m, ev, neg, reward, args, rank, world, device):
         m.eval()
         roll = m.sample_captions_seeded(ev["x"], [T.seed_of(args.seed, i, "eval_caption") for i in ids], G=args.eval_G,
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens, instruction=M.instruction_text(args.instruction),
+                                        max_new_tokens=args.max_new_tokens,
+                                        instruction=M.instruction_text(args.instruction),
                                         instruction_first=args.instruction_first)
         recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
         r = reward(ev["x"].repeat_interleave(args.eval_G, 0), recon, roll.texts)

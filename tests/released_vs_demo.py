@@ -128,7 +128,8 @@ def main():
               f"max |diff| {(logits[0] - logits[1]).abs().max().item():.3f}")
     print(f"3. noise seed 0 instead of 42: {diff(u.sample_like_release(c, c_neg, 64, 64, seed=0)[0], want)}")
     noise = torch.randn((1,) + u.latent_shape(64, 64), generator=torch.Generator().manual_seed(42))
-    print(f"4. this project's masked condition (the demo's noise): {diff(u.generate_images([text], noise=noise)[0], want)}")
+    masked = u.generate_images([text], noise=noise)[0]
+    print(f"4. this project's masked condition (the demo's noise): {diff(masked, want)}")
     torch.manual_seed(0)
     old = u.sample_captions(images.load_image(paths["wide"], 64)[None], temperature=0.7, max_new_tokens=512,
                             instruction=M.RELEASED_INSTRUCTION, instruction_first=True).texts[0]

@@ -79,8 +79,8 @@ def write_release(m, tiny_encoder, tiny_decoder, out):
     # no T5 (the demo reads only the CLIP pooled embedding of "" from the text encoders)
     for sub in ("vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.copytree(os.path.join(tiny_decoder, sub), f"{ck}/SD3/{sub}")
-    lib = lambda name: ["diffusers" if name in ("AutoencoderKL", "FlowMatchEulerDiscreteScheduler", "SD3Transformer2DModel")
-                        else "transformers", name]
+    diffusers_classes = ("AutoencoderKL", "FlowMatchEulerDiscreteScheduler", "SD3Transformer2DModel")
+    lib = lambda name: ["diffusers" if name in diffusers_classes else "transformers", name]
     json.dump({"_class_name": "StableDiffusion3Pipeline", "vae": lib("AutoencoderKL"),
                "scheduler": lib("FlowMatchEulerDiscreteScheduler"), "transformer": lib("SD3Transformer2DModel"),
                "text_encoder": lib("CLIPTextModelWithProjection"), "text_encoder_2": lib("CLIPTextModelWithProjection"),
@@ -175,7 +175,8 @@ BROKEN = {  # what is changed -> the words the error must contain
 }
 
 
-def test_locate_uses_sd3_inside_and_falls_back_to_the_base_processor(release, tiny_paths, tmp_path, monkeypatch, capsys):
+def test_locate_uses_sd3_inside_and_falls_back_to_the_base_processor(release, tiny_paths, tmp_path, monkeypatch,
+                                                                      capsys):
     rel, _, sd3 = release
     p = R.locate(rel)
     assert p["sd3"] == os.path.join(rel, "Checkpoints", "SD3") and p["processor"].endswith("llm_model_preprocessor")
@@ -214,14 +215,16 @@ def test_qwen_resize_rule_is_the_published_one(tmp_path):
 QWEN_NOW = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06}  # the hub file today (sampling fields)
 
 
-@pytest.mark.parametrize("file, top_k", [(QWEN_GENERATION_CONFIG, 1), (QWEN_NOW, 50), ({}, 50)], ids=["first", "now", "none"])
+@pytest.mark.parametrize("file, top_k", [(QWEN_GENERATION_CONFIG, 1), (QWEN_NOW, 50), ({}, 50)],
+                         ids=["first", "now", "none"])
 def test_generation_settings_are_what_transformers_merges(tiny_paths, file, top_k):
     """Sampling.effective (the start line) = the config transformers' generate() runs with, for the demo's call
     and with flags; which generation_config.json the release carries decides whether its captions are greedy."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_paths[0])
     enc.generation_config = GenerationConfig(**file)
-    for s in (R.Sampling(), R.Sampling(temperature=0.3, top_k=5, top_p=0.9, repetition_penalty=1.2), R.Sampling(temperature=0)):
+    flags = R.Sampling(temperature=0.3, top_k=5, top_p=0.9, repetition_penalty=1.2)
+    for s in (R.Sampling(), flags, R.Sampling(temperature=0)):
         got = enc._prepare_generation_config(None, **s.generate_kwargs())[0]
         eff = s.effective(enc.generation_config)
         assert {k: v for k, (v, _) in eff.items()} == {k: getattr(got, k) for k in eff}, (file, s)
@@ -276,9 +279,10 @@ def test_scripts_run_from_release(release, tmp_path):
     head = json.loads(open(tmp_path / "s3" / "captions.jsonl").readline())
     assert (head["instruction"], head["instruction_first"]) == (M.RELEASED_INSTRUCTION, True)
     for flag, value in (("--instruction", ""), ("--instruction_first", "false")):  # --resume keeps the prompt
-        p = subprocess.run([sys.executable, "stage2_grpo_und.py", *map(str, s2), "--steps", "3", "--resume", flag, value],
-                           capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert p.returncode == 2 and f"{flag} " in p.stderr and "trained with other settings" in p.stderr, p.stderr[-2000:]
+        p = subprocess.run([sys.executable, "stage2_grpo_und.py", *map(str, s2), "--steps", "3", "--resume", flag,
+                            value], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        said = p.stderr
+        assert p.returncode == 2 and f"{flag} " in said and "trained with other settings" in said, said[-2000:]
 
 
 def test_rl_stages_caption_on_the_prompt_they_are_given(tmp_path, monkeypatch):
@@ -338,7 +342,8 @@ class DemoRelease:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import (AutoProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
                                   Qwen2_5_VLForConditionalGeneration)
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
         c = os.path.join(release, "Checkpoints")
         jd = json.load(open(f"{c}/dit/config.json"))["joint_attention_dim"]
 
@@ -376,10 +381,9 @@ class DemoRelease:
             with torch.no_grad():
                 pooled.append(enc(ids, output_hidden_states=True)[0])
         self.pooled = torch.cat(pooled, -1)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(f"{c}/SD3", vae=vae, transformer=transformer,
-                                                             text_encoder=None, text_encoder_2=None, text_encoder_3=None,
-                                                             tokenizer_3=None,  # the tiny SD3/ has no T5: unused here
-                                                             torch_dtype=dtype)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            f"{c}/SD3", vae=vae, transformer=transformer, text_encoder=None, text_encoder_2=None, text_encoder_3=None,
+            tokenizer_3=None, torch_dtype=dtype)  # tokenizer_3: the tiny SD3/ has no T5 (unused with prompt_embeds)
         self.pipe.transformer = PeftModel.from_pretrained(self.pipe.transformer, f"{c}/dit_lora")
         self.pipe.set_progress_bar_config(disable=True)
         self.size = size
@@ -389,9 +393,11 @@ class DemoRelease:
         messages = [{"role": "user", "content": [{"type": "text", "text": M.RELEASED_INSTRUCTION},
                                                  {"type": "image", "image": path}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=[qwen_fetch_image(path)], videos=None, return_tensors="pt", padding=True)
+        inputs = self.processor(text=[text], images=[qwen_fetch_image(path)], videos=None, return_tensors="pt",
+                                padding=True)
         ids = self.llm.generate(**inputs, max_new_tokens=512, do_sample=True, temperature=0.7)
-        return self.processor.batch_decode([o[len(i):] for i, o in zip(inputs.input_ids, ids)], skip_special_tokens=True)[0]
+        new = [o[len(i):] for i, o in zip(inputs.input_ids, ids)]
+        return self.processor.batch_decode(new, skip_special_tokens=True)[0]
 
     @torch.no_grad()
     def get_prompt_embeds(self, prompt):

@@ -180,8 +180,8 @@ class Sampling:
 
     def caption(self, m, path):
         """gen_prompt: an image file -> its caption (seed torch beforehand where the config samples)."""
-        return m.caption_like_release(qwen_image(path), model.instruction_text(self.instruction), self.instruction_first,
-                                      **self.generate_kwargs())
+        return m.caption_like_release(qwen_image(path), model.instruction_text(self.instruction),
+                                      self.instruction_first, **self.generate_kwargs())
 
     def draw(self, m, prompt):
         """gen_image: a caption or prompt -> (3, S, S) in [0, 1], S = size(m), noise seeded with self.seed."""
@@ -195,7 +195,8 @@ SAMPLING = {"released": {k: v for k, v in dataclasses.asdict(Sampling()).items()
 
 def flags_given(argv=None):
     """The --flags named on a command line (argv None: sys.argv), so that a preset never overrides one."""
-    return {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if isinstance(a, str) and a.startswith("--")}
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if isinstance(a, str) and a.startswith("--")}
 
 
 def apply_sampling_preset(args, name, given=()):
@@ -224,7 +225,7 @@ def _check(where, unknown=(), missing=(), mismatched=()):
 
 
 def complete_processor(folder):
-    """A processor folder whose tokenizer loads: tokenizer_config.json with tokenizer.json, or vocab.json + merges.txt."""
+    """A processor folder whose tokenizer loads: tokenizer_config.json and tokenizer.json or vocab.json + merges.txt."""
     has = lambda f: os.path.isfile(os.path.join(folder, f))
     return has("tokenizer_config.json") and (has("tokenizer.json") or (has("vocab.json") and has("merges.txt")))
 
@@ -249,7 +250,8 @@ def locate(release_dir, sd3=None, processor=None):
     if lost:
         raise Error(f"{d}: not the released UAE layout, cannot find " + "; ".join(lost) + f" (looked in {' and '.join(roots)})")
     names = ("llm_model_preprocessor", "llm_processor", "llm_model_processor", "llm", "llm_model")
-    p["processor"] = next((os.path.join(r, n) for r in roots for n in names if complete_processor(os.path.join(r, n))), None)
+    p["processor"] = next((os.path.join(r, n) for r in roots for n in names if complete_processor(os.path.join(r, n))),
+                          None)
     if p["processor"] is None:
         p["processor"] = processor or BASE_PROCESSOR
         print(f"released: no processor with a complete tokenizer in {d} (tokenizer_config.json with tokenizer.json, "
@@ -489,7 +491,8 @@ def converted(release_dir, sd3=None, processor=None):
     d = p["root"]
     files = sorted((os.path.relpath(os.path.join(r, f), d), os.stat(os.path.join(r, f)).st_size,
                     os.stat(os.path.join(r, f)).st_mtime_ns) for r, _, fs in os.walk(d) for f in fs)
-    key = hashlib.sha1(json.dumps([CONVERTER, os.path.abspath(d), p["sd3"], p["processor"], files]).encode()).hexdigest()[:12]
+    what = [CONVERTER, os.path.abspath(d), p["sd3"], p["processor"], files]
+    key = hashlib.sha1(json.dumps(what).encode()).hexdigest()[:12]
     out = os.path.join(images.UAE_HOME, f"released-{key}")
     os.makedirs(images.UAE_HOME, exist_ok=True)
     with open(out + ".lock", "w") as lock:
@@ -507,8 +510,8 @@ def main(argv=None):
     ap.add_argument("release", help="the downloaded release (a folder, or a hub id such as zhiyuanyan1/UAE)")
     ap.add_argument("out", help="new folder for the converted model; then pass --init OUT to any script")
     ap.add_argument("--decoder", default=None, help=f"SD3.5-large folder or hub id (default: SD3/ in the release, else {model.REAL_DECODER})")
-    ap.add_argument("--processor", default=None, help=f"the processor when the release has none with a complete tokenizer "
-                                                       f"(default: {BASE_PROCESSOR}, from the hub cache)")
+    ap.add_argument("--processor", default=None, help="the processor when the release has none with a complete "
+                                                      f"tokenizer (default: {BASE_PROCESSOR}, from the hub cache)")
     a = ap.parse_args(argv)
     try:
         convert(a.release, a.out, a.decoder, a.processor)
