@@ -330,7 +330,7 @@ def generate(args, items, rank, device, dtype):
             continue
         x = torch.stack(ims).to(device)  # (B, 3, S, S)
         kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                  instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first)
+                  instruction=model.instruction_text(args.instruction), instruction_first=args.instruction_first)
         if args.batch_captions:
             torch.manual_seed(image_seed(batch[0][0], args.seed))
             texts = m.sample_captions(x, **kw).texts
