@@ -21,6 +21,7 @@ import training as T
 
 CAPTION_CACHE = "captions.jsonl"
 CAPTION_CACHE_FORMAT = "uae-caption-cache-v1"
+HEADER_SINCE = {"instruction_first": False}  # header keys added since: the value a file without them was made with
 
 
 class CaptionCacheError(images.CheckpointError):
@@ -45,7 +46,9 @@ def cache_captions(m, x, keys, args):
     dataset index keys[b] alone. -> {key: [K captions]}."""
     K = args.captions_per_image
     texts = m.sample_captions_seeded(x, [T.seed_of(args.seed, k, "cache_caption") for k in keys], G=K,
-                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
+                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                     instruction=M.instruction_text(args.instruction),
+                                     instruction_first=args.instruction_first).texts
     return {k: texts[b * K:(b + 1) * K] for b, k in enumerate(keys)}
 
 
@@ -69,7 +72,8 @@ def caption_cache_header(m, ds, args):
             enc.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     paths = "\n".join(os.path.abspath(p) for p, _ in ds.items)
     return {"format": CAPTION_CACHE_FORMAT, "captions_per_image": args.captions_per_image, "seed": args.seed,
-            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "instruction": M.INSTRUCTION,
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+            "instruction": M.instruction_text(args.instruction), "instruction_first": args.instruction_first,
             "encoder": m.base.get("encoder"), "encoder_layers": enc.hexdigest()[:16], "n_images": len(ds.items),
             "images_sha256": hashlib.sha256(paths.encode()).hexdigest()[:16]}
 
@@ -83,7 +87,8 @@ def read_caption_cache(path, header):
         head, rows = lines[0], {int(d["i"]): list(d["captions"]) for d in lines[1:]}
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CaptionCacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to caption again") from None
-    diff = {k: (head.get(k), v) for k, v in header.items() if head.get(k) != v}
+    was = {k: head.get(k, HEADER_SINCE.get(k)) for k in header}
+    diff = {k: (was[k], v) for k, v in header.items() if was[k] != v}
     if diff:
         raise CaptionCacheError(
             f"{path} holds captions of another run (this file's value, this run's): {diff}. Delete it to caption "

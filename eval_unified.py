@@ -23,7 +23,8 @@ Unreadable images, non-image files and missing pairs are listed in `problems` an
 If no pair at all could be scored (e.g. an empty folder) the JSON is still written (n = 0) and the
 script exits with status 2 and an `error:` line.
 
-Departures from the released benchmark script (and demo), numbered:
+Departures from the released benchmark script (and demo), numbered (--preset_sampling released makes the demo's
+calls instead, tools/released.Sampling: none of 2 and 3, the source as qwen_vl_utils reads it for the caption):
  1. Backbone preprocessing runs on torch tensors (reward.py: antialiased torch resizes, the
     released mean/std and crops) instead of PIL / HF image processors: pixel values differ by
     about one grey level after resizing, scores by ~1e-3. CLIP ViT-L/14 runs through open_clip
@@ -49,6 +50,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -86,19 +88,23 @@ class Args:
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
     dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
-    preset_sampling: str = arg("", "named sampling settings for the flags below that are left at their defaults: "
-                                   "'released' = the released demo's (temperature 0.7, 512 new tokens, 1024 px, 40 steps, "
-                                   "CFG 5, its instruction); see released.SAMPLING")
-    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
+    preset_sampling: str = arg("", "'released': the authors' inference demo, call for call (tools/released.Sampling, "
+                                   "docs/released.md); its settings for the flags below not given")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION, 'released' = the release's)")
     instruction_first: bool = arg(False, "put the instruction before the image in the user turn (the released demo's order)")
-    resolution: int = arg(0, "caption input and generation size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    resolution: int = arg(0, "generation size in px, and the caption input's (center-cropped) except under "
+                             "--preset_sampling released (native size); 0 = the decoder's native size")
     temperature: float = arg(0.7, "caption sampling temperature (released demo: 0.7; 0 = greedy)")
-    top_p: float = arg(1.0, "caption nucleus sampling")
-    top_k: int = arg(0, "caption top-k (0 = off)")
+    top_p: Optional[float] = arg(None, "caption nucleus sampling (unset: 1, or under --preset_sampling released the "
+                                       "checkpoint's generation_config.json)")
+    top_k: Optional[int] = arg(None, "caption top-k (unset: off, or as --top_p)")
+    repetition_penalty: Optional[float] = arg(None, "caption repetition penalty (--preset_sampling released only; "
+                                                    "unset: as --top_p)")
     max_new_tokens: int = arg(512, "caption length limit (released demo: 512)")
     steps: int = arg(40, "decoder sampling steps (released demo: 40)")
     cfg: float = arg(5.0, "classifier-free guidance scale (released demo: 5.0)")
-    seed: int = arg(0, "base seed; each image's seed = f(file stem, seed)")
+    seed: int = arg(0, "base seed; each image's seed = f(file stem, seed) (under --preset_sampling released: the "
+                       "caption's; the noise of every image is seeded with it, as the demo's)")
     batch_size: int = arg(4, "images per generation / scoring batch")
     batch_captions: bool = arg(False, "caption a whole batch in one generate call (faster; captions then depend on batching)")
     backbones: str = arg(",".join(BENCH), "comma list of scoring backbones (clip, longclip, dinov2, dinov3, pixel)")
@@ -237,7 +243,8 @@ def write_atomic(path, write):
 
 
 GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temperature", "top_p", "top_k",
-            "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first")
+            "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first",
+            "preset_sampling", "repetition_penalty")
 
 
 def check_settings(args, rank):
@@ -274,11 +281,30 @@ def generate(args, items, rank, device, dtype):
             problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
             tqdm.write(f"warning: {e} (skipped)")
     n_reused, m = len(pairs), None
+    demo = released.Sampling.from_args(args) if args.preset_sampling == "released" else None
     if todo:
         m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
         size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
-    for i in tqdm(range(0, len(todo), args.batch_size), desc="caption+generate", disable=rank != 0 or not todo):
+        if demo and rank == 0:
+            print(demo.describe(m), flush=True)
+    for stem, path in tqdm(todo if demo else [], desc="caption+generate (released)", disable=rank != 0 or not demo):
+        try:  # the demo's calls, one image at a time
+            torch.manual_seed(image_seed(stem, args.seed))  # the caption's draws, where the generation config samples
+            text = demo.caption(m, path)
+        except images.ImageError as e:
+            problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
+            tqdm.write(f"warning: {e} (skipped)")
+            continue
+        im = demo.draw(m, text)  # (3, S, S) in [0, 1], noise seeded with args.seed
+        cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
+        write_atomic(cp, lambda p: Path(p).write_text(text))
+        arr = (im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        write_atomic(rp, lambda p: Image.fromarray(arr).save(p, format="PNG"))
+        captions[stem] = text
+        pairs.append((stem, path, rp))
+    for i in tqdm(range(0, len(todo) if not demo else 0, args.batch_size), desc="caption+generate",
+                  disable=rank != 0 or not todo):
         batch, ims = [], []
         for stem, path in todo[i:i + args.batch_size]:
             try:  # truncated files pass verify() and fail here
@@ -291,7 +317,7 @@ def generate(args, items, rank, device, dtype):
             continue
         x = torch.stack(ims).to(device)  # (B, 3, S, S)
         kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                  instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first)
+                  instruction=model.instruction_text(args.instruction), instruction_first=args.instruction_first)
         if args.batch_captions:
             torch.manual_seed(image_seed(batch[0][0], args.seed))
             texts = m.sample_captions(x, **kw).texts
@@ -321,7 +347,13 @@ def generate(args, items, rank, device, dtype):
 
 def main(argv=None):
     args = runs.parse_args(Args, argv)
-    released.apply_sampling_preset(args, args.preset_sampling)
+    given = () if isinstance(argv, Args) else released.flags_given(argv)
+    released.apply_sampling_preset(args, args.preset_sampling, given)
+    if args.preset_sampling != "released":  # this project's captioning: the untruncated distribution unless asked
+        runs.need(args.repetition_penalty is None, "--repetition_penalty: only with --preset_sampling released "
+                                                   "(this project's captioning samples without one)")
+        args.top_p = 1.0 if args.top_p is None else args.top_p
+        args.top_k = 0 if args.top_k is None else args.top_k
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if not args.src or not os.path.isdir(args.src):
         raise runs.UsageError(f"--src {args.src!r} is not a folder of source images")

@@ -28,6 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 INSTRUCTION = ("You are an expert vision-language model. Your task is: Given an input image, generate a "
                "textual description of the image. If there is text in the image, transcribe it inside "
                "double quotes. Now, carefully analyze the input image and output the full description.")
+# the released demo's captioning question, verbatim (its gen_prompt puts it before the image: instruction_first)
+RELEASED_INSTRUCTION = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
+                        "**textual description** of the image. If there is text in the image, transcribe it inside "
+                        "double quotes \"\".  \nNow, carefully analyze the input image and output the full "
+                        "description. ")
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
 REAL_ENCODER = "Qwen/Qwen2.5-VL-3B-Instruct"
 REAL_DECODER = "stabilityai/stable-diffusion-3.5-large"
@@ -46,6 +51,13 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def instruction_text(flag):
+    """--instruction: '' = INSTRUCTION (this project's), 'released' = RELEASED_INSTRUCTION, else the text itself."""
+    return {"": INSTRUCTION, "released": RELEASED_INSTRUCTION}.get(flag, flag)
+
+
 # LoRA targets. Encoder: every linear layer of the language model (released UAE). DiT: Flow-GRPO's.
 ENCODER_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 DIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -217,7 +229,9 @@ class UAE(nn.Module):
         self.register_buffer("suppress", torch.zeros(V, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(set(banned))), True), persistent=False)
         self.layers = []   # adapters of earlier stages merged into the weights: [(meta, tensors)], kept for saving
         # Rollouts must not depend on the checkpoint's generation_config.json (Qwen2.5-VL-Instruct: top_k 1,
-        # repetition_penalty 1.05, ...): generate() fills every field left unset from it. Replace it by an empty one.
+        # repetition_penalty 1.05, ...): generate() fills every field left unset from it. Replace it by an empty one;
+        # the file's stays here for caption_like_release, which runs generate() as the released demo does.
+        self.checkpoint_generation_config = encoder.generation_config
         encoder.generation_config = GenerationConfig(bos_token_id=encoder.config.text_config.bos_token_id,
                                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.compute_dtype = torch.float32
@@ -405,6 +419,69 @@ class UAE(nn.Module):
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(captions),) + self.latent_shape(size, size), generator=g).to(self.device)
         return self.vae_decode(self.sample_ode(noise, cond, neg, steps, cfg))
+
+    # ---------------- the released demo's calls (tools/released.py; docs/released.md) ----------------
+    # Separate from the methods above, which training uses: no suppressed tokens, the checkpoint's generation
+    # config, the negative prompt and the caption padded together and unmasked, the diffusers pipeline's loop.
+
+    @torch.no_grad()
+    def caption_like_release(self, image, instruction=RELEASED_INSTRUCTION, instruction_first=True, **generate_kwargs):
+        """The demo's gen_prompt: one PIL image, already at the size Qwen's resize rule gives it
+        (tools/released.qwen_image) -> its caption, decoded as the demo decodes it (special tokens skipped,
+        not stripped). generate() runs under the checkpoint's own generation_config.json with
+        generate_kwargs over it, so transformers merges them as in the demo: kwargs > the file > its defaults."""
+        parts = [{"type": "image"}, {"type": "text", "text": instruction}]
+        msgs = [{"role": "user", "content": parts[::-1] if instruction_first else parts}]
+        text = self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        b = self.processor(text=[text], images=[image], return_tensors="pt", padding=True).to(self.device)
+        own, self.encoder.generation_config = self.encoder.generation_config, self.checkpoint_generation_config
+        try:
+            with self.autocast():
+                out = self.encoder.generate(**b, **generate_kwargs)  # (1, P + T)
+        finally:
+            self.encoder.generation_config = own
+        return self.processor.batch_decode(out[:, b["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+    @torch.no_grad()
+    def pair_condition(self, caption, negative=NEGATIVE_PROMPT):
+        """The demo's get_prompt_embeds: the negative prompt and the caption, each in the text-only "generate"
+        template, right-padded together to one length L and read by the LVLM as one batch; every position goes
+        through g, padding included (SD3 then attends to all of them). -> (c, c_neg), each (1, L, D)."""
+        ids = []
+        for t in (negative, caption):
+            msgs = [{"role": "generate", "content": [{"type": "text", "text": t}]}]
+            text = self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids.append(self.tokenizer.encode(text, return_tensors="pt")[0])
+        ids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_id).to(self.device)  # (2, L)
+        with self.autocast():
+            H = self.encoder.model(input_ids=ids, attention_mask=ids.ne(self.pad_id)).last_hidden_state  # (2, L, h)
+            emb = self.projector(H)  # docs/algorithm.md §2: c = g(H), here at every position, (2, L, D)
+        return emb[1:], emb[:1]
+
+    @torch.no_grad()
+    def sample_like_release(self, c, c_neg, height, width, steps=40, cfg=5.0, seed=42):
+        """The demo's gen_image: StableDiffusion3Pipeline's loop on the pair condition, attention over every
+        text position, the constant pooled embedding for both halves. Noise from a generator on this device
+        seeded with `seed`, latents in the condition's dtype between steps, each Euler step in fp32 (the
+        scheduler's step). c, c_neg (1, L, D) -> image (1, 3, height, width) in [0, 1]."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        x = torch.randn((1,) + self.latent_shape(height, width), generator=g, device=self.device, dtype=c.dtype)
+        self.scheduler.set_timesteps(steps, device=self.device)
+        sig, ts = self.scheduler.sigmas, self.scheduler.timesteps  # (steps + 1,), (steps,): DiT timesteps of sig[:-1]
+        guided = cfg > 1  # the pipeline's do_classifier_free_guidance
+        emb = torch.cat([c_neg, c]) if guided else c  # (2 or 1, L, D)
+        pooled = self.pooled.to(c.dtype).expand(emb.shape[0], -1)
+        for i in range(steps):
+            with self.autocast():
+                v = self.transformer(hidden_states=torch.cat([x] * emb.shape[0]), timestep=ts[i].expand(emb.shape[0]),
+                                     encoder_hidden_states=emb, pooled_projections=pooled, return_dict=False)[0]
+            if guided:
+                v_neg, v_pos = v.chunk(2)
+                v = v_neg + cfg * (v_pos - v_neg)  # CFG, in the DiT's output dtype
+            x = (x.float() + (sig[i + 1] - sig[i]) * v).to(v.dtype)  # Euler: x <- x + (s_{i+1} - s_i) v, fp32
+        with self.autocast():
+            im = self.vae.decode(x / self.vae.config.scaling_factor + self.vae.config.shift_factor).sample
+        return (im / 2 + 0.5).clamp(0, 1).float()  # the pipeline's postprocess
 
 
 # ----------------------------------------------------------------------------------------------

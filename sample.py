@@ -8,11 +8,15 @@ its caption (image -> caption -> image), writing files a person can open.
 Model: a checkpoint directory (--init out/stage3) or base models (--preset tiny|real; tiny is the default).
 Tiny and fast (random weights, offline): add --steps 2 --max_new_tokens 8, e.g.
     python sample.py reconstruct --image data/shapes/val/00000.png --out out/sample --steps 2 --max_new_tokens 8
-Sampling defaults are the released demo's: temperature 0.7, 512 new tokens, 40 steps, CFG 5.0.
+Sampling defaults are the released demo's temperature, caption length, steps and CFG, with this project's calls
+(the image center-cropped to --resolution, the caption's own masked condition). The authors' inference exactly
+(their generation config, native-size input, seed, padded pair condition; docs/released.md):
+    python sample.py reconstruct --init released:weights/UAE --preset_sampling released --image photo.jpg --out recon/
 """
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -37,17 +41,23 @@ class Args:
     encoder: str = arg("", "override the encoder path / hub id")
     decoder: str = arg("", "override the decoder path / hub id")
     dtype: str = arg("auto", "auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)")
-    preset_sampling: str = arg("", "named sampling settings for the flags below left at their defaults: 'released' "
-                                   "= the released demo's (see released.SAMPLING)")
-    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION)")
+    preset_sampling: str = arg("", "'released': the authors' inference demo, call for call (tools/released.Sampling, "
+                                   "docs/released.md); its settings for the flags below not given")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION, 'released' = the release's)")
     instruction_first: bool = arg(False, "put the instruction before the image in the user turn (the released demo's order)")
-    resolution: int = arg(0, "image size in px; 0 = the decoder's native size (1024 for SD3.5)")
+    resolution: int = arg(0, "output image size in px (and the caption input's, center-cropped, except under "
+                             "--preset_sampling released: native size); 0 = the decoder's native size")
     temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
-    top_p: float = arg(1.0, "caption nucleus sampling")
+    top_p: Optional[float] = arg(None, "caption nucleus sampling (unset: 1, or under --preset_sampling released the "
+                                       "checkpoint's generation_config.json)")
+    top_k: Optional[int] = arg(None, "caption top-k (unset: off, or as --top_p)")
+    repetition_penalty: Optional[float] = arg(None, "caption repetition penalty (--preset_sampling released only; "
+                                                    "unset: as --top_p)")
     max_new_tokens: int = arg(512, "caption length limit")
     steps: int = arg(40, "decoder sampling steps")
     cfg: float = arg(5.0, "classifier-free guidance scale")
-    seed: int = arg(0, "seed for the caption sampling and the initial noise")
+    seed: int = arg(0, "seed for the caption sampling and the initial noise (under --preset_sampling released: the "
+                       "demo's, on the device's generator)")
     max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
@@ -62,7 +72,10 @@ def main(argv=None):
     p = runs.arg_parser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
     args, ns = p.parse_args_into_dataclasses(argv)
-    released.apply_sampling_preset(args, args.preset_sampling)
+    released.apply_sampling_preset(args, args.preset_sampling, released.flags_given(argv))
+    exact = args.preset_sampling == "released"  # the demo's calls (tools/released.Sampling)
+    runs.need(exact or args.repetition_penalty is None, "--repetition_penalty: only with --preset_sampling released "
+                                                        "(this project's captioning samples without one)")
     if ns.command in ("caption", "reconstruct") and not args.image:
         raise runs.UsageError(f"{ns.command} needs --image")
     if ns.command == "generate" and not args.prompt:
@@ -79,26 +92,37 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # caption sampling
     m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                        decoder=args.decoder or None, dtype=dtype, device=device)
-    size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+    demo = released.Sampling.from_args(args)
+    size = demo.size(m)
+    if exact:
+        print(demo.describe(m), flush=True)
 
     if ns.command in ("caption", "reconstruct"):
         x = images.load_image(args.image, size)[None].to(device)  # (1, 3, S, S); an ImageError is one line (runs.cli)
         stem = os.path.splitext(os.path.basename(args.image))[0]
-        text = m.sample_captions(x, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                 instruction=args.instruction or model.INSTRUCTION, instruction_first=args.instruction_first).texts[0]
+        if exact:  # native size, Qwen's resize, the checkpoint's generation config
+            torch.manual_seed(args.seed)  # where that config samples
+            text = demo.caption(m, args.image)
+        else:
+            text = m.sample_captions(x, temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
+                                     top_k=args.top_k or 0, max_new_tokens=args.max_new_tokens,
+                                     instruction=model.instruction_text(args.instruction),
+                                     instruction_first=args.instruction_first).texts[0]
         print(text)
+    draw = (lambda t: demo.draw(m, t)[None]) if exact else (
+        lambda t: m.generate_images([t], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed))  # (1, 3, S, S)
     if ns.command == "caption":
         path = out_path(args.out, ".txt", stem)
         open(path, "w").write(text + "\n")
         print(f"wrote {path}")
     elif ns.command == "generate":
         stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt)[:40].strip("_") or "image"
-        im = m.generate_images([args.prompt], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)[0]
+        im = draw(args.prompt)[0]
         path = out_path(args.out, ".png", stem)
         images.save_png(path, im)
         print(f"wrote {path}")
     else:  # reconstruct: image -> caption -> image, and a side-by-side source | reconstruction
-        im = m.generate_images([text], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed)  # (1, 3, S, S)
+        im = draw(text)  # (1, 3, S, S)
         os.makedirs(args.out, exist_ok=True)
         base = os.path.join(args.out, stem)
         open(base + "_caption.txt", "w").write(text + "\n")

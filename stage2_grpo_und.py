@@ -60,6 +60,9 @@ class Args:
     top_p: float = arg(1.0, "nucleus sampling: must stay 1 (a truncation is not in the scored log-probs)")
     top_k: int = arg(0, "top-k sampling: must stay 0 (same reason)")
     max_new_tokens: int = arg(512, "caption length cap")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION, 'released' = the release's, "
+                               "model.RELEASED_INSTRUCTION, or the text itself)")
+    instruction_first: bool = arg(False, "the instruction before the image in the user turn (the release's order)")
     eps_low: float = arg(0.2, "clip range below 1")
     eps_high: float = arg(0.2, "clip range above 1 (DAPO uses 0.28)")
     beta: float = arg(0.04, "k3 KL weight against the adapter-off reference")
@@ -233,7 +236,9 @@ def main(argv=None):
         x = x.to(device)                                                         # (B, 3, H, W)
         # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached generate
         m.eval()
-        gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   max_new_tokens=args.max_new_tokens, instruction=M.instruction_text(args.instruction),
+                   instruction_first=args.instruction_first)
         if args.seed_per_group:
             roll = m.sample_captions_seeded(x, [T.seed_of(args.seed, gid, "caption") for gid in gids], **gen)
         else:
@@ -386,7 +391,9 @@ def evaluate(m, ev, neg, reward, args, rank, world, device):
         m.eval()
         roll = m.sample_captions_seeded(ev["x"], [T.seed_of(args.seed, i, "eval_caption") for i in ids], G=args.eval_G,
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens,
+                                        instruction=M.instruction_text(args.instruction),
+                                        instruction_first=args.instruction_first)
         recon = reconstruct(m, roll.texts, ev["noise"].repeat_interleave(args.eval_G, 0), neg, args)
         r = reward(ev["x"].repeat_interleave(args.eval_G, 0), recon, roll.texts)
         tot = {"r": r.sum().item(), "w": float(sum(len(t.split()) for t in roll.texts)),

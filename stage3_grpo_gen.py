@@ -75,6 +75,9 @@ class Args:
     mu: int = arg(1, "num_inner_epochs: policy updates per sampled batch")
     temperature: float = arg(0.7, "caption sampling temperature (0 = greedy)")
     max_new_tokens: int = arg(512, "caption length cap")
+    instruction: str = arg("", "captioning instruction ('' = model.INSTRUCTION, 'released' = the release's, "
+                               "model.RELEASED_INSTRUCTION, or the text itself)")
+    instruction_first: bool = arg(False, "the instruction before the image in the user turn (the release's order)")
     captions_per_image: int = arg(4, "K captions per image, sampled once before step 1 into out_dir/captions.jsonl; "
                                      "a visit uses one of them (departure 8); 0 = a fresh caption at every visit")
     # optimisation
@@ -227,7 +230,9 @@ def trained_steps(n_steps, frac, seed, step, window=0):
 
 def caption_groups(m, x, seeds, args):
     """One caption per image (frozen encoder), each under its own seed (rank-count invariant)."""
-    return m.sample_captions_seeded(x, seeds, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens).texts
+    return m.sample_captions_seeded(x, seeds, G=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                    instruction=M.instruction_text(args.instruction),
+                                    instruction_first=args.instruction_first).texts
 
 
 def validate(args):

@@ -101,9 +101,18 @@ def test_cache_is_read_back_extended_on_resume_and_refuses_another_run(data, tmp
 
     monkeypatch.setattr(M.UAE, "sample_captions_seeded", no_captioning)
     S.main(run + ["--steps", "3", "--overwrite"])                  # a rerun in the same out_dir reads it back
-    for flag, value in (("--captions_per_image", "3"), ("--temperature", "1.0"), ("--seed", "1")):
+    for flag, value in (("--captions_per_image", "3"), ("--temperature", "1.0"), ("--seed", "1"),
+                        ("--instruction", "released"), ("--instruction_first", "true")):
         with pytest.raises(CC.CaptionCacheError, match=flag.lstrip("-")):
             S.main(run + ["--steps", "3", flag, value, "--overwrite"])
+    path = os.path.join(out, CC.CAPTION_CACHE)                   # a file written before the header named the order
+    lines = open(path).read().splitlines()
+    head = json.loads(lines[0])
+    assert head.pop("instruction_first") is False
+    open(path, "w").write("\n".join([json.dumps(head)] + lines[1:]) + "\n")
+    S.main(run + ["--steps", "3", "--overwrite"])                  # read back: it was made with the image first
+    with pytest.raises(CC.CaptionCacheError, match="instruction_first"):
+        S.main(run + ["--steps", "3", "--instruction_first", "true", "--overwrite"])
     monkeypatch.undo()
     other = tmp_path / "other-data"                                # another image list, same out_dir
     other.mkdir()

@@ -16,14 +16,16 @@ The release (the demo's Checkpoints/ names; llm_model/ and SD3/ as other loaders
     llm_lora/model-0000{1,2,3}-of-00003.safetensors
                              the state dict after peft wrapped the LLM's inner .model (LoRA r 32, alpha 64,
                              "all-linear"): lora_A/lora_B, and maybe base weights and the projector too
-    llm_model_preprocessor/  the processor
+    llm_model_preprocessor/  the processor (none with a complete tokenizer: the base model's, BASE_PROCESSOR,
+                             as third-party loaders of the release fall back; printed)
     dit/                     a full SD3Transformer2DModel;  dit_lora/: a peft adapter folder on it
-    VAE, scheduler and the pooled text embedding come from SD3.5-large (--decoder, or SD3/ in the release)
+    SD3/                     SD3.5-large (VAE, scheduler, text encoders), used when present; --decoder wins
 
 What is written (OUT):
     encoder/  Qwen2.5-VL folder: llm weights, overridden by llm_lora's base weights (the demo's
               load_state_dict order), llm_lora merged (W += 64/32 B A, in fp32, saved in llm's dtype),
-              projector keys removed, + the released processor
+              projector keys removed, + the released processor, + llm/generation_config.json as it is
+              (the demo's generate() merges it; --preset_sampling released does too)
     decoder/  links: transformer -> the released dit/, everything else -> the SD3.5 folder
     ckpt/     uae.json + weights.safetensors in this project's format: the projector, the pooled
               embedding load_uae computes from decoder/, and dit_lora as layer 0 (merged when loaded,
@@ -32,18 +34,25 @@ Every released tensor is accounted for: unknown, missing or shape-mismatched key
 naming the file and the keys. Why a converter rather than a loader: the converted folder is a plain
 checkpoint, so stage 2/3 save, resume and chain on it unchanged, and the 8B DiT is linked, not copied.
 
-SAMPLING["released"] holds the demo's inference settings (eval_unified.py / sample.py --preset_sampling).
+Reproducing the demo's inference (--preset_sampling released in sample.py and eval_unified.py; docs/released.md):
+Sampling holds its settings and makes its calls (qwen_image: the image input; Sampling.caption, Sampling.draw),
+SAMPLING["released"] the same settings for a script's flags left at their defaults.
 """
+import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from PIL import Image
+from transformers import GenerationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/released.py`
@@ -52,15 +61,10 @@ import checkpoint as ck  # noqa: E402
 import images  # noqa: E402
 import model  # noqa: E402
 
-CONVERTER = "uae-released-v2"  # v2: the pooled embedding of "" from the SD3.5 base
+CONVERTER = "uae-released-v3"  # v3: llm/generation_config.json kept as it is, the processor fallback
 LLM_LORA = {"r": 32, "alpha": 64}  # the demo's set_lora(rank=32, alpha=64, target_modules="all-linear")
-# the demo's captioning question, verbatim, and its place: before the image (instruction_first)
-RELEASED_INSTRUCTION = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
-                        "**textual description** of the image. If there is text in the image, transcribe it inside "
-                        "double quotes \"\".  \nNow, carefully analyze the input image and output the full description. ")
-SAMPLING = {"released": {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 512, "resolution": 1024,
-                         "steps": 40, "cfg": 5.0, "instruction": RELEASED_INSTRUCTION,
-                         "instruction_first": True}}
+RELEASED_INSTRUCTION = model.RELEASED_INSTRUCTION  # the demo's question, before the image (instruction_first)
+BASE_PROCESSOR = model.REAL_ENCODER  # the processor third-party loaders fall back to when the release has none
 SD3_FILES = ["model_index.json", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
 PEFT_DEFAULTS = {"use_dora": (False, None), "use_rslora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                  "modules_to_save": (None, []), "layers_to_transform": (None,), "fan_in_fan_out": (False, None),
@@ -68,17 +72,145 @@ PEFT_DEFAULTS = {"use_dora": (False, None), "use_rslora": (False, None), "rank_p
 Error = images.CheckpointError
 
 
-def apply_sampling_preset(args, name):
-    """Set args' sampling fields from SAMPLING[name] where they still hold their dataclass default
-    (a flag given explicitly wins). '' leaves args as they are."""
-    import dataclasses
+# ----------------------------------------------------------------------------------------------
+# The demo's inference, call for call (its gen_prompt, get_prompt_embeds, gen_image; docs/released.md).
+
+# qwen_vl_utils (qwen-vl-utils on PyPI, vision_process.py), the demo's image input for Qwen2.5-VL: sides to
+# multiples of its patch x spatial merge, between IMAGE_MIN_TOKEN_NUM and IMAGE_MAX_TOKEN_NUM merged tokens.
+QWEN_FACTOR = 14 * 2
+QWEN_MIN_PIXELS = 4 * QWEN_FACTOR ** 2
+QWEN_MAX_PIXELS = 16384 * QWEN_FACTOR ** 2
+QWEN_MAX_RATIO = 200
+
+
+def smart_resize(height, width, factor=QWEN_FACTOR, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS):
+    """qwen_vl_utils' smart_resize: (height, width) -> the size both sides of which are multiples of `factor`,
+    of min_pixels to max_pixels pixels, with the aspect ratio kept as closely as that allows. Python's round()."""
+    if max(height, width) / min(height, width) > QWEN_MAX_RATIO:
+        raise images.ImageError(f"{height} x {width}: aspect ratio over {QWEN_MAX_RATIO}, which Qwen's resize refuses")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:  # shrink by beta = sqrt(HW / max_pixels), each side floored to the factor
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:  # grow by beta = sqrt(min_pixels / HW), each side ceiled to the factor
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_image(path, max_pixels=None):
+    """The demo's image input: the file as qwen_vl_utils' fetch_image reads a path (PIL, RGBA on white, any other
+    mode by convert("RGB"), no EXIF rotation: unlike images.read_image), resized with PIL's default (bicubic)
+    to smart_resize of its size. Checked first (images.check_image: a FIFO, a non-image or an oversized file is
+    one line). -> PIL RGB image."""
+    images.check_image(path, max_pixels)
+    try:
+        with Image.open(path) as im:
+            if im.mode == "RGBA":
+                rgb = Image.new("RGB", im.size, (255, 255, 255))
+                rgb.paste(im, mask=im.split()[3])
+            else:
+                rgb = im.convert("RGB")
+    except Exception as e:  # truncated after its header
+        raise images.ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    h, w = smart_resize(rgb.height, rgb.width)
+    return rgb.resize((w, h))
+
+
+def transformers_defaults():
+    """What generate() uses for a field neither the call nor the generation config sets."""
+    get = getattr(GenerationConfig, "_get_default_generation_params", None)  # transformers >= 5
+    return get() if get else GenerationConfig().to_dict()
+
+
+@dataclass
+class Sampling:
+    """The demo's inference settings, each a flag of sample.py and eval_unified.py (--preset_sampling released
+    sets those left at their defaults); None = not passed to generate(), so the checkpoint's
+    generation_config.json decides, else transformers' default. Its methods make the demo's calls."""
+    temperature: float = 0.7          # the temperature gen_prompt passes to generate() with do_sample; 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int = 512
+    instruction: str = RELEASED_INSTRUCTION
+    instruction_first: bool = True
+    resolution: int = 0               # output side; 0 = the decoder's native size (SD3.5-large: the demo's)
+    steps: int = 40
+    cfg: float = 5.0
+    seed: int = 42                    # the seed the demo's generate_from_input gives every image's noise
+
+    @classmethod
+    def from_args(cls, args):
+        """From a script's Args (fields of the same names; missing ones keep the demo's value)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def generate_kwargs(self):
+        """The demo's generate() keyword arguments, with each set flag added."""
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            kw["temperature"] = self.temperature
+        for k in ("top_k", "top_p", "repetition_penalty"):
+            if getattr(self, k) is not None:
+                kw[k] = getattr(self, k)
+        return kw
+
+    def effective(self, file_config):
+        """{field: (value, where from)} of what generate() runs with: the call's kwargs > the checkpoint's
+        generation_config.json (file_config) > transformers' defaults, as transformers merges them."""
+        kw, own, dflt = self.generate_kwargs(), file_config.to_diff_dict(), transformers_defaults()
+        out = {}
+        for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "eos_token_id"):
+            out[k] = ((kw[k], "call") if k in kw else (own[k], "generation_config.json") if own.get(k) is not None
+                      else (dflt.get(k), "transformers default"))
+        return out
+
+    def size(self, m):
+        return self.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+
+    def describe(self, m):
+        """One line: the settings the preset runs with (printed at start)."""
+        eff = self.effective(m.checkpoint_generation_config)
+        gen = ", ".join(f"{k}={v!r} ({src})" for k, (v, src) in eff.items())
+        greedy = not eff["do_sample"][0] or eff["top_k"][0] == 1
+        S = self.size(m)
+        return (f"released sampling: captions generate({gen}){': greedy' if greedy else ''}; input at native size, "
+                f"Qwen's resize (multiples of {QWEN_FACTOR}, {QWEN_MIN_PIXELS} to {QWEN_MAX_PIXELS} px); "
+                f"instruction {'before' if self.instruction_first else 'after'} the image; output {S}x{S} px, "
+                f"{self.steps} steps, CFG {self.cfg}, seed {self.seed} on the {m.device.type} generator, "
+                "the padded (negative, caption) pair")
+
+    def caption(self, m, path):
+        """gen_prompt: an image file -> its caption (seed torch beforehand where the config samples)."""
+        return m.caption_like_release(qwen_image(path), model.instruction_text(self.instruction),
+                                      self.instruction_first, **self.generate_kwargs())
+
+    def draw(self, m, prompt):
+        """gen_image: a caption or prompt -> (3, S, S) in [0, 1], S = size(m), noise seeded with self.seed."""
+        c, c_neg = m.pair_condition(prompt)
+        S = self.size(m)
+        return m.sample_like_release(c, c_neg, S, S, self.steps, self.cfg, self.seed)[0]
+
+
+SAMPLING = {"released": {k: v for k, v in dataclasses.asdict(Sampling()).items() if v is not None}}
+
+
+def flags_given(argv=None):
+    """The --flags named on a command line (argv None: sys.argv), so that a preset never overrides one."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if isinstance(a, str) and a.startswith("--")}
+
+
+def apply_sampling_preset(args, name, given=()):
+    """Set args' sampling fields from SAMPLING[name] where they were not named on the command line (`given`,
+    flags_given) and still hold their dataclass default. '' leaves args as they are."""
     if not name:
         return args
     if name not in SAMPLING:
         raise SystemExit(f"error: --preset_sampling {name!r}: known presets are {', '.join(SAMPLING)}")
     default = {f.name: f.default for f in dataclasses.fields(args)}
     for k, v in SAMPLING[name].items():
-        if k in default and getattr(args, k) == default[k]:
+        if k in default and k not in given and getattr(args, k) == default[k]:
             setattr(args, k, v)
     return args
 
@@ -94,8 +226,15 @@ def _check(where, unknown=(), missing=(), mismatched=()):
         raise Error(f"{where}: " + "; ".join(parts))
 
 
-def locate(release_dir, sd3=None):
-    """The release's component folders -> {llm, llm_lora, processor, dit, dit_lora, sd3 (may be a hub id)}."""
+def complete_processor(folder):
+    """A processor folder whose tokenizer loads: tokenizer_config.json and tokenizer.json or vocab.json + merges.txt."""
+    has = lambda f: os.path.isfile(os.path.join(folder, f))
+    return has("tokenizer_config.json") and (has("tokenizer.json") or (has("vocab.json") and has("merges.txt")))
+
+
+def locate(release_dir, sd3=None, processor=None):
+    """The release's component folders -> {llm, llm_lora, processor, dit, dit_lora, sd3 (may be a hub id)}.
+    processor: the one to use when the release has none with a complete tokenizer (default BASE_PROCESSOR)."""
     d = release_dir
     if not os.path.isdir(d) and re.fullmatch(r"[\w.-]+/[\w.-]+", d):  # a hub repo id, e.g. zhiyuanyan1/UAE
         from huggingface_hub import snapshot_download
@@ -107,12 +246,19 @@ def locate(release_dir, sd3=None):
     def find(names, marker):
         return next((os.path.join(r, n) for r in roots for n in names if os.path.exists(os.path.join(r, n, marker))), None)
     want = {"llm": (("llm", "llm_model"), "config.json"), "llm_lora": (("llm_lora",), ""),
-            "processor": (("llm_model_preprocessor", "llm_processor", "llm_model_processor", "llm", "llm_model"), "tokenizer_config.json"),
             "dit": (("dit",), "config.json"), "dit_lora": (("dit_lora",), "adapter_config.json")}
     p = {k: find(*v) for k, v in want.items()}
     lost = [f"{k} (" + " or ".join(f"{n}/{want[k][1]}" for n in want[k][0]) + ")" for k in p if not p[k]]
     if lost:
         raise Error(f"{d}: not the released UAE layout, cannot find " + "; ".join(lost) + f" (looked in {' and '.join(roots)})")
+    names = ("llm_model_preprocessor", "llm_processor", "llm_model_processor", "llm", "llm_model")
+    p["processor"] = next((os.path.join(r, n) for r in roots for n in names if complete_processor(os.path.join(r, n))),
+                          None)
+    if p["processor"] is None:
+        p["processor"] = processor or BASE_PROCESSOR
+        print(f"released: no processor with a complete tokenizer in {d} (tokenizer_config.json with tokenizer.json, "
+              f"or vocab.json + merges.txt, in {', '.join(names)}): using {p['processor']}, the base model's, as "
+              "third-party loaders of the release do", flush=True)
     p["sd3"] = sd3 or find(("SD3", "SD3_model", "stable-diffusion-3.5-large"), "vae") or model.REAL_DECODER
     p["root"] = d
     return p
@@ -254,7 +400,15 @@ def convert_encoder(p, out, projector_shapes):
     enc.load_state_dict({f"{n}.lora_{x}.default.weight": t[f"lora_{x}"] for n, t in lora.items() for x in "AB"}, strict=False)
     model.merge_lora(enc)
     enc.to(save_dtype).save_pretrained(out)
-    Qwen2_5_VLProcessor.from_pretrained(p["processor"]).save_pretrained(out)
+    gc_file = os.path.join(p["llm"], "generation_config.json")
+    if os.path.isfile(gc_file):  # as it is: what the demo's generate() merges (save_pretrained may rewrite it)
+        shutil.copyfile(gc_file, os.path.join(out, "generation_config.json"))
+    try:
+        Qwen2_5_VLProcessor.from_pretrained(p["processor"]).save_pretrained(out)
+    except (OSError, ValueError) as e:
+        raise Error(f"processor {p['processor']}: cannot load it ({type(e).__name__}: {str(e)[:200]}); download it "
+                    f"(hf download {BASE_PROCESSOR} --include '*.json' '*.txt' --local-dir DIR) and pass "
+                    "--processor DIR to tools/released.py") from None
     return proj, {"tensors": len(seen), "lora_modules": len(lora), "vision_lora": vision, "base_tensors": len(base),
                   "base_differing_from_llm": differ, "projector_from_llm_lora": sorted(from_shards), "dtype": str(save_dtype)}
 
@@ -282,9 +436,9 @@ def read_dit_lora(folder):
     return {"r": cfg["r"], "alpha": cfg["lora_alpha"], "targets": sorted(targets) if isinstance(targets, list) else targets}, tensors, names
 
 
-def convert(release_dir, out_dir, sd3=None):
+def convert(release_dir, out_dir, sd3=None, processor=None):
     """Write out_dir/{encoder, decoder, ckpt} from the release (see the module docstring). -> out_dir."""
-    p = locate(release_dir, sd3)
+    p = locate(release_dir, sd3, processor)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise Error(f"{out_dir} exists and is not empty: choose a new output folder")
     out = os.path.abspath(out_dir)
@@ -325,28 +479,29 @@ def convert(release_dir, out_dir, sd3=None):
           f"{'included' if enc_info['vision_lora'] else 'not included'}, {enc_info['base_tensors']} base tensors of which "
           f"{enc_info['base_differing_from_llm']} differ from llm/; dit_lora r {dit_cfg['r']} kept as layer 0)", flush=True)
     if gen.get("top_k") not in (None, 0) or gen.get("top_p") not in (None, 1.0) or gen.get("repetition_penalty") not in (None, 1.0):
-        print(f"released: note: the demo's generate() also used llm/generation_config.json {gen}; this project's captioning "
-              "does not (explicit temperature/top_k/top_p, no repetition penalty)", flush=True)
+        print(f"released: note: the demo's generate() also applies llm/generation_config.json {gen}: "
+              "--preset_sampling released does too, this project's own captioning (training) does not", flush=True)
     return out
 
 
-def converted(release_dir, sd3=None):
+def converted(release_dir, sd3=None, processor=None):
     """`--init released:DIR`: the converted checkpoint, made once under $UAE_HOME (keyed by the release's
     files and the SD3.5 base) and reused; concurrent callers (ranks) wait on a file lock. -> ckpt dir."""
     if os.path.isfile(os.path.join(release_dir, "ckpt", "uae.json")):  # already a converted folder
         return os.path.join(release_dir, "ckpt")
-    p = locate(release_dir, sd3)
+    p = locate(release_dir, sd3, processor)
     d = p["root"]
     files = sorted((os.path.relpath(os.path.join(r, f), d), os.stat(os.path.join(r, f)).st_size,
                     os.stat(os.path.join(r, f)).st_mtime_ns) for r, _, fs in os.walk(d) for f in fs)
-    key = hashlib.sha1(json.dumps([CONVERTER, os.path.abspath(d), p["sd3"], files]).encode()).hexdigest()[:12]
+    what = [CONVERTER, os.path.abspath(d), p["sd3"], p["processor"], files]
+    key = hashlib.sha1(json.dumps(what).encode()).hexdigest()[:12]
     out = os.path.join(images.UAE_HOME, f"released-{key}")
     os.makedirs(images.UAE_HOME, exist_ok=True)
     with open(out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(out, "ckpt", "uae.json")):
             shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion
-            convert(d, out, sd3)
+            convert(d, out, sd3, processor)
     return os.path.join(out, "ckpt")
 
 
@@ -357,9 +512,11 @@ def main(argv=None):
     ap.add_argument("release", help="the downloaded release (a folder, or a hub id such as zhiyuanyan1/UAE)")
     ap.add_argument("out", help="new folder for the converted model; then pass --init OUT to any script")
     ap.add_argument("--decoder", default=None, help=f"SD3.5-large folder or hub id (default: SD3/ in the release, else {model.REAL_DECODER})")
+    ap.add_argument("--processor", default=None, help="the processor when the release has none with a complete "
+                                                      f"tokenizer (default: {BASE_PROCESSOR}, from the hub cache)")
     a = ap.parse_args(argv)
     try:
-        convert(a.release, a.out, a.decoder)
+        convert(a.release, a.out, a.decoder, a.processor)
     except images.CheckpointError as e:
         sys.exit(f"error: {e}")
 
