@@ -28,6 +28,7 @@ rename: a killed run leaves no half prompt, and the next run (same command) gene
 prompts without outputs. <out>/.eval_t2i.json records the benchmark, the prompts and the settings; a
 rerun with other ones, and an --out that holds anything this script did not write, are refused.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from tools import released
 BENCHMARKS = ("geneval", "geneval++", "dpg")
 PROTOCOL_N = {"geneval": 4, "geneval++": 1, "dpg": 4}  # images per prompt that each scorer reads
 MARKER = ".eval_t2i.json"
-SETTINGS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "steps", "cfg", "seed")
+SETTINGS = ("init", "preset", "encoder", "decoder", "dtype", "preset_sampling", "resolution", "steps", "cfg", "seed")
 LEFTOVER = (".tmp-", ".old-")  # a prompt being written (.tmp-), a folder being replaced (data.atomic_publish)
 SCORER_FILES = {"dpg": re.compile(r"dpg-bench_.*_results(_detail)?\.txt")}  # ELLA's scorer writes them into <out>
 
@@ -319,8 +320,13 @@ def noise_for(m, bench, name, n, size, seed):
 
 
 @torch.no_grad()
-def generate(m, bench, item, n, size, args):
-    """A prompt's n images (n, 3, S, S) in [0, 1]: sample.py generate's path, one call for the prompt."""
+def generate(m, bench, item, n, size, args, rel=None):
+    """A prompt's n images (n, 3, S, S) in [0, 1]: sample.py generate's path, one call for the prompt. rel: the
+    authors' calls (--preset_sampling released: tools/released.py Sampling.draw, the padded pair condition), sample
+    k's noise from its own seed on the device's generator (the demo's one seed would make the n samples one)."""
+    if rel is not None:
+        return torch.stack([dataclasses.replace(rel, seed=T.seed_of(args.seed, bench, item["name"], k)).draw(m, item["prompt"])
+                            for k in range(n)])
     noise = noise_for(m, bench, item["name"], n, size, args.seed).to(m.device)
     return m.generate_images([item["prompt"]] * n, noise=noise, steps=args.steps, cfg=args.cfg)
 
@@ -340,7 +346,7 @@ def main(argv=None):
     bench = ns.benchmark
     runs.need(args.preset_sampling in ("",) + tuple(released.SAMPLING),
            f"--preset_sampling {args.preset_sampling!r}: known presets are {', '.join(released.SAMPLING)}")
-    released.apply_sampling_preset(args, args.preset_sampling)
+    released.apply_sampling_preset(args, args.preset_sampling, released.flags_given(argv))
     # every check before anything loads or is written
     runs.one_of(args, "preset", ("tiny", "real"))
     runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
@@ -379,10 +385,13 @@ def main(argv=None):
         m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
                            decoder=args.decoder or None, dtype=dtype, device=device)
         size = args.resolution or m.transformer.config.sample_size * 2 ** (len(m.vae.config.block_out_channels) - 1)
+        rel = released.Sampling.from_args(args) if args.preset_sampling == "released" else None
+        if rel is not None and rank == 0:
+            print(rel.describe(m), flush=True)
         t0 = time.time()
         for item in tqdm(mine, desc=f"{bench} (rank 0: {len(mine)} of {len(todo)})" if world > 1 else bench,
                          unit="prompt", disable=rank != 0):
-            publish(out, bench, item, generate(m, bench, item, n, size, args))
+            publish(out, bench, item, generate(m, bench, item, n, size, args, rel))
         if rank == 0:
             dt = time.time() - t0
             print(f"rank 0: {len(mine)} prompts x {n} image(s) of {size} px in {dt:.1f} s, {dt / len(mine):.2f} s a prompt "

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import runs
+import training as T
 import images
 import checkpoint as ck
 import model as M
@@ -462,3 +463,12 @@ def test_sample_py_released_is_the_demo(release, demo_images, tmp_path, capsys):
     ours = np.asarray(Image.open(tmp_path / "gen.png"), dtype=np.int16)
     theirs = np.asarray(demo.gen_image(prompt), dtype=np.int16)
     assert np.abs(ours - theirs).max() <= 2 and theirs.std() > 5  # an image, not a flat field
+    # eval_t2i.py makes the same call, each sample under its own seed (the demo's one seed would repeat it)
+    import eval_t2i
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "single_object", "include": [], "prompt": prompt}) + "\n")
+    eval_t2i.main(["geneval", *init, "--prompts", str(meta), "--out", str(tmp_path / "t2i"), "--n_samples", "2"])
+    for k in range(2):
+        ours = np.asarray(Image.open(tmp_path / "t2i" / "00000" / "samples" / f"{k:04d}.png"), dtype=np.int16)
+        theirs = np.asarray(demo.gen_image(prompt, seed=T.seed_of(42, "geneval", "00000", k)), dtype=np.int16)
+        assert np.abs(ours - theirs).max() <= 2, k
