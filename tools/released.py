@@ -97,7 +97,11 @@ def locate(release_dir, sd3=None):
     d = release_dir
     if not os.path.isdir(d) and re.fullmatch(r"[\w.-]+/[\w.-]+", d):  # a hub repo id, e.g. zhiyuanyan1/UAE
         from huggingface_hub import snapshot_download
-        d = snapshot_download(d)
+        try:
+            d = snapshot_download(d)
+        except Exception as e:  # offline and not in the cache, no such repo, no network
+            raise Error(f"released:{release_dir}: not a folder, and the hub repo cannot be fetched "
+                        f"({type(e).__name__}: {e}); download it: hf download {release_dir} --local-dir DIR") from None
     if not os.path.isdir(d):
         raise Error(f"released:{release_dir}: not a folder (expected the downloaded release: llm/, llm_lora/, dit/, dit_lora/)")
     roots = [os.path.join(d, "Checkpoints"), d]
@@ -350,17 +354,27 @@ def converted(release_dir, sd3=None):
 
 def main(argv=None):
     import argparse
+    import runs  # here, not at the top: runs imports this module
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("release", help="the downloaded release (a folder, or a hub id such as zhiyuanyan1/UAE)")
     ap.add_argument("out", help="new folder for the converted model; then pass --init OUT to any script")
     ap.add_argument("--decoder", default=None, help=f"SD3.5-large folder or hub id (default: SD3/ in the release, else {model.REAL_DECODER})")
+
+    def error(message):
+        raise runs.UsageError(f"{message} (see --help)")
+    ap.error = error
     a = ap.parse_args(argv)
-    try:
-        convert(a.release, a.out, a.decoder)
-    except images.CheckpointError as e:
-        sys.exit(f"error: {e}")
+    hub_id = not a.release.startswith(("/", ".", "~")) and re.fullmatch(r"[\w.-]+/[\w.-]+", a.release)
+    runs.need(os.path.isdir(a.release) or hub_id, f"release {a.release}: no such folder (expected the downloaded "
+                                                  "release: llm/, llm_lora/, dit/, dit_lora/; or a hub id)")
+    runs.check_local("decoder", a.decoder or "")
+    runs.check_writable("out", a.out)
+    runs.need(not (os.path.isdir(a.out) and os.listdir(a.out)),
+              f"out {a.out} exists and is not empty: choose a new output folder")
+    convert(a.release, a.out, a.decoder)
 
 
 if __name__ == "__main__":
-    main()
+    import runs  # here, not at the top: runs imports this module
+    runs.cli(main)
