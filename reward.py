@@ -240,8 +240,8 @@ def check_weights(name, path=None):
     path = os.path.expanduser(str(path)) if path else None
     if name == "longclip" and path is None:
         raise _missing("longclip", path, ValueError("LongCLIP has no default download"))
-    repo = path or REAL[name][0]
-    if os.path.exists(repo) or repo.startswith("local-dir:"):
+    repo = (path or REAL[name][0]).removeprefix("local-dir:")
+    if os.path.exists(repo):
         return
     if os.path.isabs(repo) or repo.startswith(".") or name == "longclip":
         raise _missing(name, path, FileNotFoundError("no such file or directory"))
