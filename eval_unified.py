@@ -273,10 +273,10 @@ def check_settings(args, rank, write=True):
     if os.path.isfile(path):
         try:
             old = json.load(open(path, encoding="utf-8"))
-            assert isinstance(old, dict)
-        except (ValueError, AssertionError):
-            raise runs.UsageError(f"{path} is unreadable: delete {args.out_dir} (or use another --out_dir) to make "
-                                  "the reconstructions again") from None
+        except ValueError:
+            old = None
+        runs.need(isinstance(old, dict), f"{path} is unreadable: delete {args.out_dir} (or use another --out_dir) to "
+                                         "make the reconstructions again")
         # a key an older settings.json lacks had its default; a missing checkpoint id matches no checkpoint
         default = {**{f.name: f.default for f in fields(Args)}, "checkpoint": "unknown"}
         diff = {k: (old.get(k, default[k]), cur[k]) for k in cur if old.get(k, default[k]) != cur[k]}

@@ -181,13 +181,13 @@ OUTPUTS = "uae_outputs.json"
 
 
 def training_run_entries(folder):
-    """The entries of `folder` that belong to a stage's run: its checkpoint (ckpt, ckpt.<step>, an interrupted
-    write's .ckpt-*), log.jsonl, stage 3's caption cache. [] for a folder that is not one (or none)."""
+    """The entries of `folder` that belong to a stage's run: its checkpoint (ckpt, ckpt.<step>, ckpt.legacy, an
+    interrupted write's .ckpt-*), log.jsonl, stage 3's caption cache. [] for a folder that is not one (or none)."""
     if not os.path.isdir(folder):
         return []
     out = []
     for n in sorted(os.listdir(folder)):
-        if n in (ck.LINK, ck.LEGACY, "log.jsonl") or n.startswith(".ckpt-") or ck._is_target(n):
+        if n in (ck.LINK, "log.jsonl") or n.startswith((ck.LINK + ".", ".ckpt-")):
             out.append(n)
         elif n == CC.CAPTION_CACHE and CC.is_caption_cache(os.path.join(folder, n)):
             out.append(f"{n} (stage 3's caption cache)")
@@ -200,7 +200,8 @@ def read_outputs(folder):
         d = json.load(open(os.path.join(folder, OUTPUTS), encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = isinstance(d, dict) and isinstance(d.get("tool"), str) and isinstance(d.get("written"), list)
+    ok = isinstance(d, dict) and isinstance(d.get("tool"), str) and isinstance(d.get("written"), list) and \
+        all(isinstance(n, str) for n in d["written"])
     return d if ok else None
 
 
@@ -278,7 +279,8 @@ def no_data(example):
 def validate_run(args, stage, *, size, datasets=(), harmless=()):
     """The checks every stage shares, after its own flag checks and before anything is loaded or
     written: common flags, --init, --encoder/--decoder/--reward_path paths, the data (parsed in full:
-    datasets = [(flag, need_captions)]), and out_dir: a non-empty out_dir needs --resume or --overwrite;
+    datasets = [(flag, need_captions)]), the reward backbone's weights (reward.check_weights: its default found
+    in the local cache when offline), and out_dir (writable): a non-empty out_dir needs --resume or --overwrite;
     --resume needs a checkpoint of this stage with the same world size, every rank's RNG state, and the
     same values of every flag outside RESUME_HARMLESS | harmless (all differing ones are named).
     --resume without a checkpoint starts from step 0. -> args (resume False in that case)."""
@@ -299,8 +301,6 @@ def validate_run(args, stage, *, size, datasets=(), harmless=()):
         if args.reward in reward.BACKBONES:
             if args.reward_path and args.reward_path != "tiny":
                 check_local("reward_path", args.reward_path, "file or folder")
-            if args.reward_path != "tiny":  # the real default ('') must be in the local cache when offline
-                reward.check_weights(args.reward, args.reward_path or None)
         else:  # your own module:function, imported now: a typo is one line before anything loads
             need(":" in args.reward, f"--reward {args.reward!r}: must be one of {' | '.join(reward.BACKBONES)}, "
                                      "or module:function (your own reward)")
@@ -310,6 +310,9 @@ def validate_run(args, stage, *, size, datasets=(), harmless=()):
     images.MAX_PIXELS = args.max_pixels  # the reader's cap for this process (as PIL's MAX_IMAGE_PIXELS)
     for flag, caps in datasets:
         images.list_dataset(getattr(args, flag), caps, flag=flag)
+    backbone = getattr(args, "reward", None) in reward.BACKBONES and stage_uses_reward(args)
+    if backbone and args.reward_path != "tiny":  # its real default ('') must be in the local cache when offline
+        reward.check_weights(args.reward, args.reward_path or None)
     return check_out_dir(args, stage, harmless)
 
 

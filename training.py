@@ -36,6 +36,7 @@ def generator(*keys, device="cpu"):
 # wrong": rank 0 writing a full-DiT checkpoint while the others wait at its barrier; a slow rank's model load).
 DIST_TIMEOUT_MIN = 10.0
 FAULT_TEXT = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")  # gloo's words
+FAULT_GRACE_S = 10.0  # collective_failure: at most this long (or half the timeout) for the other ranks' marks
 _timeout_min = None  # this process group's, for the message
 
 
@@ -73,7 +74,7 @@ def collective_failure(e):
     try:
         store = dist.distributed_c10d._get_default_store()  # torchrun's agent holds it: it outlives a dead rank
         store.set(f"uae/fault/{rank}", "1")
-        end = time.time() + min(10.0, 60 * _timeout_min / 2)  # the others fail within about as long
+        end = time.time() + min(FAULT_GRACE_S, 60 * (_timeout_min or 1) / 2)  # the others time out about now too
         while True:
             missing = [r for r in range(world) if not store.check([f"uae/fault/{r}"])]
             if not missing or time.time() > end:
@@ -81,13 +82,16 @@ def collective_failure(e):
             time.sleep(0.2)
     except Exception:  # the store is gone too (its host died): the ranks cannot be named
         missing = None
-    who = ("every rank failed there (no rank is missing: collectives out of step?)" if missing == [] else
-           f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} had not reached it (stalled or dead)"
-           if missing else
-           "another rank stalled or died")
+    if missing is None:
+        who = "another rank stalled or died"
+    elif missing:
+        who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} had not reached it (stalled or dead)"
+    else:
+        who = "every rank failed there (none is missing: collectives out of step?)"
     first = (text.splitlines() or [""])[0][-200:]
-    msg = (f"[rank {rank}] a collective of the {world} ranks failed after waiting up to --dist_timeout "
-           f"{_timeout_min:g} min: {who} ({type(e).__name__}: {first})")
+    wait = f"--dist_timeout {_timeout_min:g} min" if _timeout_min else "its timeout"  # None: not our dist_setup
+    msg = f"[rank {rank}] a collective of the {world} ranks failed after waiting up to {wait}: {who} " \
+          f"({type(e).__name__}: {first})"
     return msg, rank == min(set(range(world)) - set(missing or []))
 
 
