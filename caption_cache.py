@@ -63,6 +63,16 @@ def pick_captions(cache, keys, epochs, args):
     return [cache[k][caption_pick(args.seed, k, e, len(cache[k]))] for k, e in zip(keys, epochs)]
 
 
+def args_header(args, items):
+    """The part of the cache header that args and the dataset's items [(path, caption)] decide (known before the
+    model loads: stage 3's validation compares it)."""
+    paths = "\n".join(os.path.abspath(p) for p, _ in items)
+    return {"format": CAPTION_CACHE_FORMAT, "captions_per_image": args.captions_per_image, "seed": args.seed,
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+            "instruction": M.instruction_text(args.instruction), "instruction_first": args.instruction_first,
+            "n_images": len(items), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()[:16]}
+
+
 def caption_cache_header(m, ds, args):
     """What the cached captions depend on; a cache file with another header is refused, not reused."""
     enc = hashlib.sha256()  # the encoder LoRA of every earlier stage, merged into the base encoder
@@ -70,23 +80,34 @@ def caption_cache_header(m, ds, args):
         for k in sorted(t for t in tensors if t.startswith("encoder.")):
             enc.update(k.encode())
             enc.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    paths = "\n".join(os.path.abspath(p) for p, _ in ds.items)
-    return {"format": CAPTION_CACHE_FORMAT, "captions_per_image": args.captions_per_image, "seed": args.seed,
-            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
-            "instruction": M.instruction_text(args.instruction), "instruction_first": args.instruction_first,
-            "encoder": m.base.get("encoder"), "encoder_layers": enc.hexdigest()[:16], "n_images": len(ds.items),
-            "images_sha256": hashlib.sha256(paths.encode()).hexdigest()[:16]}
+    return {**args_header(args, ds.items), "encoder": m.base.get("encoder"), "encoder_layers": enc.hexdigest()[:16]}
+
+
+def is_caption_cache(path):
+    """Does the file at path begin with a caption cache's header line (whatever follows)?"""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(head, dict) and head.get("format") == CAPTION_CACHE_FORMAT
 
 
 def read_caption_cache(path, header):
-    """{dataset index: [K captions]} from a cache file written for this header; {} when there is none."""
+    """{dataset index: [K captions]} from a cache file written for this header (the keys of `header` are compared:
+    stage 3's validation passes args_header's); {} when there is none. CaptionCacheError naming the file and what
+    to do otherwise."""
     if not os.path.exists(path):
         return {}
+    redo = ("delete it and run the same command again: stage 3 captions the images again before step 1 (or pass "
+            "--captions_per_image 0: a fresh caption at every visit, no cache)")
     try:
-        lines = [json.loads(line) for line in open(path) if line.strip()]
+        lines = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
         head, rows = lines[0], {int(d["i"]): list(d["captions"]) for d in lines[1:]}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CaptionCacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to caption again") from None
+        if head.get("format") != CAPTION_CACHE_FORMAT:
+            raise ValueError(f"the first line is not a {CAPTION_CACHE_FORMAT} header")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CaptionCacheError(f"{path} is unreadable as a caption cache ({type(e).__name__}: {e}); {redo}") from None
     was = {k: head.get(k, HEADER_SINCE.get(k)) for k in header}
     diff = {k: (was[k], v) for k, v in header.items() if was[k] != v}
     if diff:
@@ -94,7 +115,8 @@ def read_caption_cache(path, header):
             f"{path} holds captions of another run (this file's value, this run's): {diff}. Delete it to caption "
             "again, or use another --out_dir (--captions_per_image 0 captions at every visit and ignores it)")
     if any(len(c) != header["captions_per_image"] for c in rows.values()):
-        raise CaptionCacheError(f"{path}: an image has a number of captions other than {header['captions_per_image']}")
+        raise CaptionCacheError(f"{path}: an image has a number of captions other than "
+                                f"{header['captions_per_image']}; {redo}")
     return rows
 
 

@@ -15,10 +15,12 @@ Real benchmark (the 100 source images flat in data/unified_bench/; the weights: 
 Score any system's reconstructions (pairs matched by file name stem, no model loaded):
     python eval_unified.py --score_only --src data/unified_bench --recon their_recons/ --out_dir out/bench_theirs
 
-Outputs under --out: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
+Outputs under --out_dir: captions/<stem>.txt and captions.jsonl, recon/<stem>.png, unified_bench.json
 (per-image scores, per-backbone mean/std/n, summary, problems) and a Markdown table on stdout with
-the paper's rows beside ours. Re-running reuses every reconstruction whose caption and PNG exist, if the
-generation settings and the checkpoint are the ones that made them (settings.json); otherwise it refuses.
+the paper's rows beside ours; uae_outputs.json names what this script writes there: it writes only into a new or
+empty folder or one it wrote (a training run's folder, or one with other files, is refused by name). Re-running
+reuses every reconstruction whose caption and PNG exist, if the generation settings and the checkpoint are the ones
+that made them (settings.json); otherwise it refuses.
 Unreadable images, non-image files and missing pairs are listed in `problems` and the run goes on.
 If no pair at all could be scored (e.g. an empty folder) the JSON is still written (n = 0) and the
 script exits with status 2 and an `error:` line.
@@ -76,6 +78,13 @@ PAPER = [  # arXiv 2509.09666, Unified-Bench table (x100)
 
 
 
+# --dist_timeout's default, in minutes: the gather after generation waits for the slowest rank's whole share of the
+# images (a rerun that reuses one rank's share and redraws another's), longer than a training step's collectives do.
+EVAL_DIST_TIMEOUT_MIN = 30.0
+TOOL = "eval_unified.py"
+WRITES = ("captions", "recon", "captions.jsonl", "settings.json", "unified_bench.json")  # in --out_dir
+
+
 @dataclass
 class Args:
     src: str = arg("", "folder of source images (top level only)")
@@ -113,6 +122,8 @@ class Args:
     dinov2_path: str = arg("", "DINOv2 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     dinov3_path: str = arg("", "DINOv3 checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
+    dist_timeout: float = arg(EVAL_DIST_TIMEOUT_MIN, "torchrun: minutes the one collective waits for every rank (each "
+                                                     "rank's whole share of the generation); then the job ends")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,20 +258,26 @@ GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temp
             "preset_sampling", "repetition_penalty")
 
 
-def check_settings(args, rank):
+def check_settings(args, rank, write=True):
     """Resume only what the same settings and the same checkpoint made: <out>/settings.json pins the generation
-    arguments and the checkpoint's identity (checkpoint.checkpoint_id)."""
+    arguments and the checkpoint's identity (checkpoint.checkpoint_id); other ones are a UsageError. write: rank 0
+    writes the file when there is none."""
     path = os.path.join(args.out_dir, "settings.json")
     cur = {**{k: getattr(args, k) for k in GEN_KEYS}, "checkpoint": ck.checkpoint_id(args.init)}
     if os.path.isfile(path):
-        old = json.load(open(path))
+        try:
+            old = json.load(open(path, encoding="utf-8"))
+        except ValueError:
+            old = None
+        runs.need(isinstance(old, dict), f"{path} is unreadable: delete {args.out_dir} (or use another --out_dir) to "
+                                         "make the reconstructions again")
         # a key an older settings.json lacks had its default; a missing checkpoint id matches no checkpoint
         default = {**{f.name: f.default for f in fields(Args)}, "checkpoint": "unknown"}
         diff = {k: (old.get(k, default[k]), cur[k]) for k in cur if old.get(k, default[k]) != cur[k]}
         if diff:
-            sys.exit(f"error: {args.out_dir} holds reconstructions made with other settings (was, now): {diff}; "
-                     "use another --out_dir or delete that folder")
-    elif rank == 0:
+            raise runs.UsageError(f"{args.out_dir} holds reconstructions made with other settings (was, now): {diff}; "
+                                  "use another --out_dir or delete that folder")
+    elif rank == 0 and write:
         write_atomic(path, lambda p: Path(p).write_text(json.dumps(cur, indent=1)))
 
 
@@ -345,9 +362,14 @@ def generate(args, items, rank, device, dtype):
     return sorted(pairs), captions, problems, {"reused": n_reused, "generated": len(pairs) - n_reused}
 
 
-def main(argv=None):
-    args = runs.parse_args(Args, argv)
-    given = () if isinstance(argv, Args) else released.flags_given(argv)
+def validate(args, given=()):
+    """Every flag and path, before anything is loaded or written: the sampling preset and settings, the backbones and
+    where their weights are, --init, --src / --recon, and --out_dir (writable, and new, empty or a folder this script
+    wrote: never a training run's; its settings.json pins a rerun's). given: the flags named on the command line (a
+    preset never overrides one). A user error raises runs.UsageError (or a CheckpointError / RewardError).
+    -> the backbone names."""
+    runs.need(args.preset_sampling in ("", *released.SAMPLING),
+              f"--preset_sampling {args.preset_sampling!r}: known presets are {', '.join(released.SAMPLING)}")
     released.apply_sampling_preset(args, args.preset_sampling, given)
     if args.preset_sampling != "released":  # this project's captioning: the untruncated distribution unless asked
         runs.need(args.repetition_penalty is None, "--repetition_penalty: only with --preset_sampling released "
@@ -360,15 +382,52 @@ def main(argv=None):
     if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
         raise runs.UsageError(f"--score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
     runs.at_least(args, 1, "max_pixels", "batch_size", "steps", "max_new_tokens")
+    runs.at_least(args, 0, "temperature", "resolution")
+    runs.above(args, 0, "dist_timeout")
+    if args.top_k is not None:  # None (--preset_sampling released): the release's generation config decides
+        runs.at_least(args, 0, "top_k")
+    if args.top_p is not None:
+        runs.above(args, 0, "top_p")
+        runs.need(args.top_p <= 1, f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.repetition_penalty is not None:
+        runs.above(args, 0, "repetition_penalty")
+    runs.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be 0 (the decoder's own) or a positive "
+                                         "multiple of 16 (VAE factor 8 x DiT patch 2)")
+    runs.finite(args, "cfg")
+    runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
+    runs.one_of(args, "preset", ("tiny", "real"))
     runs.need(not (set(names) - set(reward.BACKBONES)) and names,
-           f"--backbones {args.backbones!r}: choose from {', '.join(reward.BACKBONES)}")
-    if args.init and not args.score_only:
-        runs.check_init(args.init)
+              f"--backbones {args.backbones!r}: choose from {', '.join(reward.BACKBONES)}")
+    for b in names:  # where each backbone's weights are, found now: not after hours of generation
+        path = getattr(args, f"{b}_path", "")
+        if path != "tiny":
+            runs.check_local(f"{b}_path", path, "file or folder")
+            reward.check_weights(b, path or None)
+    if not args.score_only:
+        if args.init:
+            runs.check_init(args.init)
+        for flag in ("encoder", "decoder"):
+            runs.check_local(flag, getattr(args, flag))
+    runs.check_own_folder("out_dir", args.out_dir, TOOL, WRITES)
+    if not args.score_only:
+        check_settings(args, rank=0, write=False)
+    return names
+
+
+def main(argv=None):
+    args = runs.parse_args(Args, argv)
+    names = validate(args, () if isinstance(argv, Args) else released.flags_given(argv))
     images.MAX_PIXELS = args.max_pixels
-    rank, world, device = T.dist_setup(args.seed)
+    rank, world, device = T.dist_setup(args.seed, args.dist_timeout)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     log = lambda msg: print(msg if world == 1 else f"[rank {rank}] {msg}", flush=True)
+    if world > 1:
+        dist.barrier()  # every rank has checked --out_dir before rank 0 writes in it
+    if rank == 0:
+        runs.record_outputs(args.out_dir, TOOL, WRITES)  # first: what this folder holds is this script's
+    if world > 1:
+        dist.barrier()
     for d in ("",) if args.score_only else ("", "captions", "recon"):
         os.makedirs(os.path.join(args.out_dir, d), exist_ok=True)
 

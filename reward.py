@@ -37,7 +37,8 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import snapshot_download
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+from huggingface_hub.constants import is_offline_mode
 import open_clip
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 from safetensors.torch import load_file
@@ -222,6 +223,35 @@ def load_backbone(name, path=None, device="cpu", dtype=torch.float32):
     if name == "longclip":
         return _load_longclip(path, device, dtype)
     return _load_dino(name, path, device, dtype)
+
+
+HUB_FILES = {"clip": (("open_clip_config.json",), ("open_clip_model.safetensors",)),  # each: one of these files
+             "dinov2": (("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+             "dinov3": (("config.json",), ("model.safetensors", "model.safetensors.index.json"))}
+
+
+def check_weights(name, path=None):
+    """Can load_backbone(name, path) find its weights? Checked without loading or downloading anything, so that a
+    script says so before its models load: a local path must exist; a hub id (the default when path is None) must
+    be in the local Hugging Face cache when the hub is offline (HF_HUB_OFFLINE); online, the loader downloads it.
+    RewardError with the download command and the flag to pass otherwise."""
+    if name == "pixel":
+        return
+    path = os.path.expanduser(str(path)) if path else None
+    if name == "longclip" and path is None:
+        raise _missing("longclip", path, ValueError("LongCLIP has no default download"))
+    repo = (path or REAL[name][0]).removeprefix("local-dir:")
+    if os.path.exists(repo):
+        return
+    if os.path.isabs(repo) or repo.startswith(".") or name == "longclip":
+        raise _missing(name, path, FileNotFoundError("no such file or directory"))
+    if not is_offline_mode():
+        return
+    repo = repo.removeprefix("hf-hub:")
+    for alternatives in HUB_FILES[name]:
+        if not any(isinstance(try_to_load_from_cache(repo, f), str) for f in alternatives):
+            raise _missing(name, repo, FileNotFoundError(f"{alternatives[0]} is not in the local Hugging Face cache "
+                                                         "and HF_HUB_OFFLINE is set"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ published atomically (checkpoint.py). A user error is one line, `error: ...`, ex
 """
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -14,8 +15,10 @@ import time
 from dataclasses import field
 
 import torch
+from tqdm import tqdm
 from transformers import HfArgumentParser
 
+import caption_cache as CC
 import checkpoint as ck
 import images
 import model as M
@@ -72,10 +75,11 @@ RANK_ERROR_DELAY = 15   # seconds a rank other than 0 waits before printing a us
 
 def cli(main):
     """Every script's `if __name__ == "__main__":`. A user error (USER_ERRORS) prints `error: <one line>` to
-    stderr and exits 2; any other exception is a bug and keeps its traceback. main's int result is the exit
-    status (eval), anything else exits 0. Under torchrun every rank checks the same things, so rank 0 prints
-    at once and the others wait RANK_ERROR_DELAY s first: torchrun stops them when rank 0 exits (on a loaded
-    machine that takes seconds), and only an error rank 0 did not have (a file missing on one node) gets its
+    stderr and exits 2; any other exception is a bug and keeps its traceback, but for a collective that not every
+    rank joined (training.collective_failure: one line naming the ranks that stalled or died, exit 1). main's int
+    result is the exit status (eval), anything else exits 0. Under torchrun every rank checks the same things, so
+    rank 0 prints at once and the others wait RANK_ERROR_DELAY s first: torchrun stops them when rank 0 exits (on a
+    loaded machine that takes seconds), and only an error rank 0 did not have (a file missing on one node) gets its
     own `error: [rank r] ...` line."""
     try:
         rc = main()
@@ -83,11 +87,26 @@ def cli(main):
         rank = int(os.environ.get("RANK", "0") or 0)
         if rank:
             time.sleep(RANK_ERROR_DELAY)
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}", file=sys.stderr, flush=True)
+        say(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         sys.exit(2)
+    except Exception as e:  # a collective that a stalled or dead rank never joined: one line, naming that rank
+        fault = T.collective_failure(e)
+        if fault is None:
+            raise
+        msg, first = fault
+        if not first:
+            time.sleep(3)
+        say(f"error: {msg}")
+        sys.exit(1)
     sys.exit(rc if type(rc) is int else 0)
+
+
+def say(line):
+    """One line on stderr, on a line of its own even while a progress bar is drawn there (tqdm.write)."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def need(ok, msg):
@@ -128,6 +147,103 @@ def check_local(flag, p, kind="folder"):
         need(os.path.exists(os.path.expanduser(p)), f"--{flag} {p}: no such {kind}")
 
 
+def check_writable(flag, path, folder=None):
+    """--flag PATH, a folder this process will create or write in (or `folder`, the one a file --flag PATH goes in): a
+    folder, or nothing yet under a folder, in which this process may write (os.access: permissions, and a read-only
+    file system). Reads only."""
+    need(bool(path), f"--{flag} is empty")
+    p = folder or os.path.abspath(os.path.expanduser(path))
+    d = p
+    while not os.path.lexists(d):  # the nearest existing folder on the way up: where the first write happens
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UsageError(f"--{flag} {path}: exists and is not a folder" if d == p and not folder else
+                         f"--{flag} {path}: {d} is a file, not a folder")
+    need(os.access(d, os.W_OK | os.X_OK), f"--{flag} {path}: cannot write in {d} (no write permission, or a read-only "
+                                          "file system); pick another --" + flag)
+
+
+def check_file_out(flag, path):
+    """--flag FILE that a script will write (sample.py's .txt / .png, bench.py's .json): its folder as in
+    check_writable, the file itself a writable regular file if it exists, not in a training run's folder. Reads
+    only."""
+    need(bool(path), f"--{flag} is empty")
+    p = os.path.abspath(os.path.expanduser(path))
+    need(not os.path.lexists(p) or os.path.isfile(p), f"--{flag} {path}: exists and is not a file")
+    check_writable(flag, path, folder=os.path.dirname(p))
+    need(not os.path.lexists(p) or os.access(p, os.W_OK), f"--{flag} {path}: cannot write it (no write permission, "
+                                                          "or a read-only file system)")
+    run = training_run_entries(os.path.dirname(p))
+    need(not run, f"--{flag} {path}: {os.path.dirname(p)} holds a training run ({', '.join(run)}); write elsewhere")
+
+
+# A script that writes into a folder of results (eval_unified.py's --out_dir, sample.py's --out) records what it
+# wrote in OUTPUTS there; it writes only into a folder that is new, empty, or holds only what it wrote before.
+OUTPUTS = "uae_outputs.json"
+
+
+def training_run_entries(folder):
+    """The entries of `folder` that belong to a stage's run: its checkpoint (ckpt, ckpt.<step>, ckpt.legacy, an
+    interrupted write's .ckpt-*), log.jsonl, stage 3's caption cache. [] for a folder that is not one (or none)."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for n in sorted(os.listdir(folder)):
+        if n in (ck.LINK, "log.jsonl") or n.startswith((ck.LINK + ".", ".ckpt-")):
+            out.append(n)
+        elif n == CC.CAPTION_CACHE and CC.is_caption_cache(os.path.join(folder, n)):
+            out.append(f"{n} (stage 3's caption cache)")
+    return out
+
+
+def read_outputs(folder):
+    """OUTPUTS of folder -> {"tool": script, "written": [names]}, or None (absent or unreadable)."""
+    try:
+        d = json.load(open(os.path.join(folder, OUTPUTS), encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(d, dict) and isinstance(d.get("tool"), str) and isinstance(d.get("written"), list) and \
+        all(isinstance(n, str) for n in d["written"])
+    return d if ok else None
+
+
+def check_own_folder(flag, path, tool, names=()):
+    """--flag PATH, the folder `tool` writes its results in (and resumes from): writable (check_writable), and new,
+    empty, or holding only what `tool` recorded in OUTPUTS there, plus `names`, the entries it writes on every run
+    (a temporary `.<name>.tmp` of them too). A training run's folder, or anything else, is refused by name: the tool
+    overwrites only what it wrote. Reads only."""
+    check_writable(flag, path)
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    run = training_run_entries(path)
+    need(not run, f"--{flag} {path} holds a training run ({', '.join(run)}): {tool} would write into it; "
+                  f"use another --{flag}")
+    rec = read_outputs(path)
+    need(not rec or rec["tool"] == tool, f"--{flag} {path} holds what {rec and rec['tool']} wrote, not {tool}: "
+                                         f"use another --{flag}")
+    mine = set(rec["written"]) | set(names) if rec else set()
+    mine |= {OUTPUTS} | {f".{n}.tmp" for n in mine | {OUTPUTS}}
+    foreign = [n for n in sorted(os.listdir(path)) if n not in mine]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UsageError(f"--{flag} {path} holds files that {tool} did not write ({', '.join(foreign[:5])}{more}): it "
+                         f"writes only into a new or empty folder, or one it wrote ({OUTPUTS} lists what); use another "
+                         f"--{flag}")
+
+
+def record_outputs(folder, tool, names):
+    """Add `names` (entries of folder that `tool` writes) to folder's OUTPUTS, creating both; written to a temporary
+    file, then renamed."""
+    os.makedirs(folder, exist_ok=True)
+    rec = read_outputs(folder) or {"tool": tool, "written": []}
+    written = sorted(set(rec["written"]) | set(names))
+    if written != rec["written"] or not os.path.isfile(os.path.join(folder, OUTPUTS)):
+        tmp = os.path.join(folder, f".{OUTPUTS}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"tool": tool, "written": written}, f, indent=1)
+        os.replace(tmp, os.path.join(folder, OUTPUTS))
+
+
 def check_init(init):
     """--init: a checkpoint (ck.check_checkpoint), or released:DIR (the authors' release: a folder, or a hub id,
     that released.py converts and checks when the model loads; its errors are CheckpointErrors too)."""
@@ -142,7 +258,7 @@ def check_init(init):
 
 RESUME_HARMLESS = {"steps", "stop_after", "save_every", "log_every", "sample_every", "sample_n", "wandb", "tensorboard",
                    "resume", "overwrite", "out_dir", "eval_every", "eval_images", "eval_G", "eval_data", "eval_steps",
-                   "grad_ckpt", "micro_batch"}
+                   "grad_ckpt", "micro_batch", "dist_timeout"}
 
 
 def _previous_run(out_dir):
@@ -165,7 +281,8 @@ def no_data(example):
 def validate_run(args, stage, *, size, datasets=(), harmless=()):
     """The checks every stage shares, after its own flag checks and before anything is loaded or
     written: common flags, --init, --encoder/--decoder/--reward_path paths, the data (parsed in full:
-    datasets = [(flag, need_captions)]), and out_dir: a non-empty out_dir needs --resume or --overwrite;
+    datasets = [(flag, need_captions)]), the reward backbone's weights (reward.check_weights: its default found
+    in the local cache when offline), and out_dir (writable): a non-empty out_dir needs --resume or --overwrite;
     --resume needs a checkpoint of this stage with the same world size, every rank's RNG state, and the
     same values of every flag outside RESUME_HARMLESS | harmless (all differing ones are named).
     --resume without a checkpoint starts from step 0. -> args (resume False in that case)."""
@@ -176,7 +293,7 @@ def validate_run(args, stage, *, size, datasets=(), harmless=()):
          f"--resolution {size}: must be a positive multiple of 16 (VAE factor 8 x DiT patch 2)")
     at_least(args, 1, "steps", "save_every", "log_every", "lora_r", "max_new_tokens", "max_pixels")
     at_least(args, 0, "lr", "weight_decay", "grad_clip", "warmup", "sample_every", "temperature")
-    above(args, 0, "lora_alpha")
+    above(args, 0, "lora_alpha", "dist_timeout")
     for flag, pkg in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
         need(not getattr(args, flag) or importlib.util.find_spec(pkg) is not None,
              f"--{flag} needs the {pkg} package (pip install {pkg})")
@@ -195,6 +312,9 @@ def validate_run(args, stage, *, size, datasets=(), harmless=()):
     images.MAX_PIXELS = args.max_pixels  # the reader's cap for this process (as PIL's MAX_IMAGE_PIXELS)
     for flag, caps in datasets:
         images.list_dataset(getattr(args, flag), caps, flag=flag)
+    backbone = getattr(args, "reward", None) in reward.BACKBONES and stage_uses_reward(args)
+    if backbone and args.reward_path != "tiny":  # its real default ('') must be in the local cache when offline
+        reward.check_weights(args.reward, args.reward_path or None)
     return check_out_dir(args, stage, harmless)
 
 
@@ -205,8 +325,10 @@ def stage_uses_reward(args):
 def check_out_dir(args, stage, harmless=()):
     """out_dir and --resume / --overwrite (see validate_run). Reads only."""
     out = args.out_dir
-    need(bool(out), "--out_dir is empty")
-    need(not os.path.exists(out) or os.path.isdir(out), f"--out_dir {out}: exists and is not a folder")
+    check_writable("out_dir", out)
+    log = os.path.join(out, "log.jsonl")
+    need(not os.path.lexists(log) or (os.path.isfile(log) and os.access(log, os.W_OK)),
+         f"--out_dir {out}: cannot write its log.jsonl (not a writable file)")
     need(not (args.resume and args.overwrite), "--resume and --overwrite contradict each other: pick one")
     link = os.path.join(out, ck.LINK)
     if os.path.lexists(link) and not os.path.isdir(link):

@@ -12,10 +12,14 @@ Sampling defaults are the released demo's temperature, caption length, steps and
 (the image center-cropped to --resolution, the caption's own masked condition). The authors' inference exactly
 (their generation config, native-size input, seed, padded pair condition; docs/released.md):
     python sample.py reconstruct --init released:weights/UAE --preset_sampling released --image photo.jpg --out recon/
+A folder --out holds uae_outputs.json, the files this script wrote there: it writes only into a new or empty
+folder or one it wrote (a training run's folder, or one with other files, is refused by name); a file --out is
+overwritten, unless it is in a training run's folder.
 """
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -61,17 +65,55 @@ class Args:
     max_pixels: int = arg(images.MAX_PIXELS, "refuse images of more pixels (read from the header, never decoded)")
 
 
+TOOL = "sample.py"
+
+
 def out_path(out, ext, stem):
     """--out is a file when it ends in `ext`, else a folder that gets `stem + ext`."""
-    path = out if out.lower().endswith(ext) else os.path.join(out, stem + ext)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return path
+    return out if out.lower().endswith(ext) else os.path.join(out, stem + ext)
+
+
+def outputs(command, args):
+    """The files this command writes -> (their folder when --out is one, else None; [paths])."""
+    if command == "generate":
+        stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt)[:40].strip("_") or "image"
+    else:
+        stem = os.path.splitext(os.path.basename(args.image))[0]
+    if command == "reconstruct":  # --out is a folder
+        base = os.path.join(args.out, stem)
+        return args.out, [base + "_caption.txt", base + "_recon.png", base + "_pair.png"]
+    ext = ".txt" if command == "caption" else ".png"
+    path = out_path(args.out, ext, stem)
+    return (None if path == args.out else args.out), [path]
+
+
+def check_out(command, args):
+    """--out, before anything loads: a folder of results that is new, empty or this script's (runs.check_own_folder:
+    never a training run's, never one with files it did not write), or a file named by the user (overwritten, not
+    in a training run's folder). -> (folder or None, [paths])."""
+    folder, paths = outputs(command, args)
+    if folder is None:
+        runs.check_file_out("out", paths[0])
+    else:
+        runs.check_own_folder("out", folder, TOOL)
+    return folder, paths
+
+
+def write_out(folder, path, write):
+    """write(path) one output, recorded first in its folder's runs.OUTPUTS (when --out is a folder)."""
+    if folder is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    else:
+        runs.record_outputs(folder, TOOL, [os.path.basename(path)])
+    write(path)
 
 
 def main(argv=None):
     p = runs.arg_parser(Args)
     p.add_argument("command", choices=COMMANDS, help="caption | generate | reconstruct")
     args, ns = p.parse_args_into_dataclasses(argv)
+    runs.need(args.preset_sampling in ("", *released.SAMPLING),
+              f"--preset_sampling {args.preset_sampling!r}: known presets are {', '.join(released.SAMPLING)}")
     released.apply_sampling_preset(args, args.preset_sampling, released.flags_given(argv))
     exact = args.preset_sampling == "released"  # the demo's calls (tools/released.Sampling)
     runs.need(exact or args.repetition_penalty is None, "--repetition_penalty: only with --preset_sampling released "
@@ -81,17 +123,33 @@ def main(argv=None):
     if ns.command == "generate" and not args.prompt:
         raise runs.UsageError("generate needs --prompt")
     runs.at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
+    runs.at_least(args, 0, "temperature", "resolution")
+    if args.top_k is not None:  # None: off, or under the preset the release's generation config decides
+        runs.at_least(args, 0, "top_k")
+    if args.top_p is not None:
+        runs.above(args, 0, "top_p")
+        runs.need(args.top_p <= 1, f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.repetition_penalty is not None:
+        runs.above(args, 0, "repetition_penalty")
+    runs.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be 0 (the decoder's own) or a positive "
+                                         "multiple of 16 (VAE factor 8 x DiT patch 2)")
+    runs.finite(args, "cfg")
+    runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
+    runs.one_of(args, "preset", ("tiny", "real"))
     images.MAX_PIXELS = args.max_pixels
     if ns.command in ("caption", "reconstruct"):
         images.check_image(args.image)  # a FIFO, a non-image or an oversized file: refused before any model loads
     if args.init:
         runs.check_init(args.init)
+    for flag in ("encoder", "decoder"):
+        runs.check_local(flag, getattr(args, flag))
+    folder, paths = check_out(ns.command, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     torch.manual_seed(args.seed)  # caption sampling
     m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
-                       decoder=args.decoder or None, dtype=dtype, device=device)
+                        decoder=args.decoder or None, dtype=dtype, device=device)
     demo = released.Sampling.from_args(args)
     size = demo.size(m)
     if exact:
@@ -99,7 +157,6 @@ def main(argv=None):
 
     if ns.command in ("caption", "reconstruct"):
         x = images.load_image(args.image, size)[None].to(device)  # (1, 3, S, S); an ImageError is one line (runs.cli)
-        stem = os.path.splitext(os.path.basename(args.image))[0]
         if exact:  # native size, Qwen's resize, the checkpoint's generation config
             torch.manual_seed(args.seed)  # where that config samples
             text = demo.caption(m, args.image)
@@ -112,23 +169,19 @@ def main(argv=None):
     draw = (lambda t: demo.draw(m, t)[None]) if exact else (
         lambda t: m.generate_images([t], steps=args.steps, cfg=args.cfg, size=size, seed=args.seed))  # (1, 3, S, S)
     if ns.command == "caption":
-        path = out_path(args.out, ".txt", stem)
-        open(path, "w").write(text + "\n")
-        print(f"wrote {path}")
+        write_out(folder, paths[0], lambda p: Path(p).write_text(text + "\n"))
+        print(f"wrote {paths[0]}")
     elif ns.command == "generate":
-        stem = re.sub(r"[^a-zA-Z0-9]+", "_", args.prompt)[:40].strip("_") or "image"
         im = draw(args.prompt)[0]
-        path = out_path(args.out, ".png", stem)
-        images.save_png(path, im)
-        print(f"wrote {path}")
+        write_out(folder, paths[0], lambda p: images.save_png(p, im))
+        print(f"wrote {paths[0]}")
     else:  # reconstruct: image -> caption -> image, and a side-by-side source | reconstruction
         im = draw(text)  # (1, 3, S, S)
-        os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, stem)
-        open(base + "_caption.txt", "w").write(text + "\n")
-        images.save_png(base + "_recon.png", im[0])
-        images.save_grid(base + "_pair.png", [x.float().cpu(), im.cpu()], labels=[text])
-        print(f"wrote {base}_caption.txt, {base}_recon.png, {base}_pair.png (source | reconstruction)")
+        cap, rec, pair = paths
+        write_out(folder, cap, lambda p: Path(p).write_text(text + "\n"))
+        write_out(folder, rec, lambda p: images.save_png(p, im[0]))
+        write_out(folder, pair, lambda p: images.save_grid(p, [x.float().cpu(), im.cpu()], labels=[text]))
+        print(f"wrote {cap}, {rec}, {pair} (source | reconstruction)")
 
 
 if __name__ == "__main__":

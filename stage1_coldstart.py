@@ -102,6 +102,8 @@ class Args:
     fsdp: bool = arg(False, "shard the DiT (per block) and the projector with FSDP2: fp32 master weights, "
                                                         "gradients and AdamW state split over ranks (needed for --dit_full at real size)")
     seed: int = arg(0, "global seed")
+    dist_timeout: float = arg(T.DIST_TIMEOUT_MIN, "torchrun: minutes a collective waits for every rank; "
+                                                  "then the job ends, naming the ranks that did not arrive")
     # samples / logging / checkpoints
     cfg: float = arg(5.0, "CFG of the sample reconstructions")
     sample_steps: int = arg(40, "Euler steps of the sample reconstructions")
@@ -322,7 +324,7 @@ def validate(args):
 
 def main(argv=None):
     args = validate(runs.parse_args(Args, argv))
-    rank, world, device = T.dist_setup(args.seed)
+    rank, world, device = T.dist_setup(args.seed, args.dist_timeout)
     master = rank == 0
     objs = args.objective.split("+")
     size = args.resolution or (64 if args.preset == "tiny" else 512)
@@ -396,13 +398,7 @@ def step_metrics(sums, n_micro, lr, gnorm, skipped, ds, bad_seen, world):
                 met[f"loss/{o}_bin{i}"] = red[f"{o}_sum{i}"] / red[f"{o}_cnt{i}"]
     if "caption_words" in red:
         met["caption/words_mean"], met["caption/tokens_mean"] = red["caption_words"], red["caption_tokens"]
-    bad_all = dict(ds.bad)
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, ds.bad)
-        for b in gathered:
-            bad_all.update(b)
-    new_bad = sorted(set(bad_all) - bad_seen)
+    new_bad = sorted(set(T.all_bad_files(ds.bad, world)) - bad_seen)
     if new_bad:
         bad_seen |= set(new_bad)
         met["data/bad_files"] = new_bad

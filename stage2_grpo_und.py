@@ -88,6 +88,8 @@ class Args:
     fsdp: bool = arg(False, "shard the environment's frozen DiT per block with FSDP2 (training.fsdp_shard); "
                             "the encoder stays replicated; needs --eval_images >= ranks")
     seed: int = arg(0, "global seed (ranks offset it)")
+    dist_timeout: float = arg(T.DIST_TIMEOUT_MIN, "torchrun: minutes a collective waits for every rank; "
+                                                  "then the job ends, naming the ranks that did not arrive")
     step_offset: int = arg(0, "draw the data and every per-step seed of steps N+1.. (the log still counts from 1): a run "
                               "chained after another with --init continues its batches (Unified-GRPO in rounds)")
     # logging / checkpoints
@@ -202,7 +204,7 @@ def validate(args):
 
 def main(argv=None):
     args = validate(runs.parse_args(Args, argv))
-    rank, world, device = T.dist_setup(args.seed)
+    rank, world, device = T.dist_setup(args.seed, args.dist_timeout)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ds = images.ImageDataset(args.data, args.resolution)
@@ -299,8 +301,9 @@ def main(argv=None):
         clock.tick("train")
         step += 1
         met = step_metrics(r, roll, first, n_tok, G, args, gnorm, lr, skipped, clock, world)
-        if ds.bad:
-            met["data/bad_files"] = len(ds.bad)
+        bad_files = T.all_bad_files(ds.bad, world)                                # run-wide: every rank's
+        if bad_files:
+            met["data/bad_files"] = len(bad_files)
         log.log(step, met, log_line(step, met) if step % args.log_every == 0 else None)
         pbar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:

@@ -94,6 +94,8 @@ class Args:
     fsdp: bool = arg(False, "shard the DiT (frozen base + LoRA) per block with FSDP2 (training.fsdp_shard); "
                             "needs --eval_images >= ranks")
     seed: int = arg(0, "global seed")
+    dist_timeout: float = arg(T.DIST_TIMEOUT_MIN, "torchrun: minutes a collective waits for every rank; "
+                                                  "then the job ends, naming the ranks that did not arrive")
     step_offset: int = arg(0, "draw the data and every per-step seed of steps N+1.. (the log still counts from 1): a run "
                               "chained after another with --init continues its batches (Unified-GRPO in rounds)")
     # logging / checkpoints / evaluation
@@ -257,13 +259,18 @@ def validate(args):
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     runs.need(not (args.fsdp and args.eval_every and args.eval_images < world),  # FSDP: every DiT call is collective
            f"--fsdp: every rank takes part in each DiT call; --eval_images {args.eval_images} is below the {world} ranks")
+    runs.at_least(args, 0, "captions_per_image")
     data = [("data", False)] + ([("eval_data", False)] if args.eval_every and args.eval_data else [])
-    return runs.validate_run(args, "stage3", size=args.resolution, datasets=data)
+    args = runs.validate_run(args, "stage3", size=args.resolution, datasets=data)
+    cache = os.path.join(args.out_dir, CC.CAPTION_CACHE)
+    if args.captions_per_image > 0 and os.path.lexists(cache):  # what of it the model does not decide, checked now
+        CC.read_caption_cache(cache, CC.args_header(args, images.list_dataset(args.data)))
+    return args
 
 
 def main(argv=None):
     args = validate(runs.parse_args(Args, argv))
-    rank, world, device = T.dist_setup(args.seed)
+    rank, world, device = T.dist_setup(args.seed, args.dist_timeout)
     master = rank == 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ds = images.ImageDataset(args.data, args.resolution)
@@ -360,8 +367,9 @@ def main(argv=None):
         step += 1
         met = step_metrics(r_all, adv, logp_old[:, :args.sde_window or None], first, js, caps, args, gnorm, lr, skipped,
                            clock, world)
-        if ds.bad:
-            met["data/bad_files"] = len(ds.bad)
+        bad_files = T.all_bad_files(ds.bad, world)                                # run-wide: every rank's
+        if bad_files:
+            met["data/bad_files"] = len(bad_files)
         log.log(step, met, log_line(step, met, skipped) if step % args.log_every == 0 else None)
         pbar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:

@@ -3,6 +3,7 @@ What a stage's loop needs besides the model: torchrun set-up, seeds, the global 
 gradient and metric all-reduce, the optimizer step, the lr schedule, a clock per phase, the run log,
 and FSDP2 sharding. The run folder itself (flag checks, checkpoints, --resume) is runs.py's.
 """
+import datetime
 import json
 import math
 import os
@@ -30,18 +31,68 @@ def generator(*keys, device="cpu"):
     return torch.Generator(device).manual_seed(seed_of(*keys))
 
 
-def dist_setup(seed):
-    """torchrun -> (rank, world, device); plain python -> (0, 1, cuda:0 or cpu). Seeds offset by rank."""
+# --dist_timeout's default for the stages, in minutes: how long a collective waits for a rank that does not arrive
+# before the job ends. Above the longest legitimate wait of a real launch (README, "What happens when things go
+# wrong": rank 0 writing a full-DiT checkpoint while the others wait at its barrier; a slow rank's model load).
+DIST_TIMEOUT_MIN = 10.0
+FAULT_TEXT = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")  # gloo's words
+FAULT_GRACE_S = 10.0  # collective_failure: at most this long (or half the timeout) for the other ranks' marks
+_timeout_min = None  # this process group's, for the message
+
+
+def dist_setup(seed, timeout_min=DIST_TIMEOUT_MIN):
+    """torchrun -> (rank, world, device); plain python -> (0, 1, cuda:0 or cpu). Seeds offset by rank. A collective
+    that waits more than timeout_min minutes for the other ranks raises (a stalled or dead rank; NCCL's watchdog
+    aborts the process): under runs.cli the job ends with collective_failure's line."""
+    global _timeout_min
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world, local = 0, 1, 0
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _timeout_min = timeout_min
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(seed + rank)
     return rank, world, device
+
+
+def collective_failure(e):
+    """e, an exception out of a collective that not every rank joined (it waited --dist_timeout, or a rank's
+    connection closed: it died) -> (the one line that ends the job, naming the ranks that had not reached it; whether
+    this rank is the first of those that did, which prints it at once). None for any other exception. Every rank
+    that fails so marks itself in the rendezvous store, then waits a little for the others to do the same: the
+    ranks that never mark are the stalled or dead ones."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or any(t in text for t in FAULT_TEXT)):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = dist.distributed_c10d._get_default_store()  # torchrun's agent holds it: it outlives a dead rank
+        store.set(f"uae/fault/{rank}", "1")
+        end = time.time() + min(FAULT_GRACE_S, 60 * (_timeout_min or 1) / 2)  # the others time out about now too
+        while True:
+            missing = [r for r in range(world) if not store.check([f"uae/fault/{r}"])]
+            if not missing or time.time() > end:
+                break
+            time.sleep(0.2)
+    except Exception:  # the store is gone too (its host died): the ranks cannot be named
+        missing = None
+    if missing is None:
+        who = "another rank stalled or died"
+    elif missing:
+        who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} had not reached it (stalled or dead)"
+    else:
+        who = "every rank failed there (none is missing: collectives out of step?)"
+    first = (text.splitlines() or [""])[0][-200:]
+    wait = f"--dist_timeout {_timeout_min:g} min" if _timeout_min else "its timeout"  # None: not our dist_setup
+    msg = f"[rank {rank}] a collective of the {world} ranks failed after waiting up to {wait}: {who} " \
+          f"({type(e).__name__}: {first})"
+    return msg, rank == min(set(range(world)) - set(missing or []))
 
 
 def batch_indices(n, batch, step, seed, rank=0, world=1):
@@ -114,6 +165,18 @@ def allreduce_metrics(d, world, ops=None):
             dist.all_reduce(t, op=op)
             out.update({k: v / (world if kind == "mean" else 1) for k, v in zip(keys, t.tolist())})
     return {k: out[k] for k in d}
+
+
+def all_bad_files(bad, world):
+    """The unreadable files that any rank has met so far (bad: this rank's ImageDataset.bad), sorted; a file that
+    two ranks met counts once. Collective under torchrun: every rank calls it at every step."""
+    if world == 1:
+        return sorted(bad)
+    if allreduce_metrics({"n": len(bad)}, world, {"n": "max"})["n"] == 0:  # the usual case: one small all-reduce
+        return []
+    parts = [None] * world
+    dist.all_gather_object(parts, sorted(bad))
+    return sorted(set().union(*parts))
 
 
 def lr_at(step, lr, warmup, total, schedule="cosine"):

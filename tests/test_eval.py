@@ -192,7 +192,7 @@ def test_resume_refuses_other_settings(tmp_path):
     args = ev.Args(src="x", out_dir=str(tmp_path), steps=2)
     ev.check_settings(args, rank=0)  # first run: pins the settings
     ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=2, batch_size=7), rank=0)  # scoring/batching may change
-    with pytest.raises(SystemExit, match="other settings.*steps"):
+    with pytest.raises(runs.UsageError, match="other settings.*steps"):
         ev.check_settings(ev.Args(src="x", out_dir=str(tmp_path), steps=3), rank=0)
 
 
@@ -207,7 +207,7 @@ def test_resume_refuses_a_rewritten_checkpoint(tmp_path):
     ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)  # the same checkpoint: resumes
     time.sleep(0.01)
     ck.save_checkpoint(str(run_dir / "ckpt"), runs.load_model(preset="tiny"), {"stage": "test"})
-    with pytest.raises(SystemExit, match="other settings.*checkpoint"):
+    with pytest.raises(runs.UsageError, match="other settings.*checkpoint"):
         ev.check_settings(ev.Args(src="x", out_dir=out, init=str(run_dir)), rank=0)
 
 

@@ -552,15 +552,39 @@ def cache_summary(r, r0, build, sargs):
     return d
 
 
+def usage_error(message):
+    raise runs.UsageError(f"{message} (see --help)")
+
+
+p.error = usage_error  # argparse's errors: one line under runs.cli, not its usage block
+
+
+def validate(a):
+    """Every flag and the --out path, before anything is built or written; a user error raises runs.UsageError."""
+    runs.at_least(a, 1, "iters", "B", "groups", "max_new_tokens", "threads", "gpus")
+    runs.at_least(a, 0, "warmup", "captions_per_image", "resolution")
+    runs.at_least(a, 2, "G", why="a group of one has advantage 0")
+    runs.at_least(a, 2, "sample_steps", why="stage 3 never trains the last sampler step")
+    runs.above(a, 0, "peak_tflops", "gpu_gib")
+    runs.need(a.resolution % 16 == 0, f"--resolution {a.resolution}: must be 0 (the preset's) or a positive multiple "
+                                      "of 16 (VAE factor 8 x DiT patch 2)")
+    runs.need(a.reward in ("", *R.BACKBONES), f"--reward {a.reward!r}: must be '' or one of {' | '.join(R.BACKBONES)}")
+    if a.reward and a.reward != "pixel" and a.reward_path != "tiny":
+        runs.check_local("reward_path", a.reward_path, "file or folder")
+        R.check_weights(a.reward, a.reward_path or None)
+    runs.check_file_out("out", a.out)
+    runs.need(a.plan or a.preset != "real" or torch.cuda.is_available(),
+              "bench.py --preset real needs a CUDA GPU: it builds random-weight Qwen2.5-VL-3B + SD3.5-large in bf16 "
+              "(~24 GB of weights). On CPU use --preset tiny or --preset small (or --plan for the memory plan).")
+
+
 def main(a):
+    validate(a)
     if a.plan:  # the memory plan: CPU only, nothing full-size is allocated (see plan_main)
         return plan_main(a)
     if a.quick:
         a.warmup, a.iters = 1, 2
     if a.preset == "real":
-        if not torch.cuda.is_available():
-            sys.exit("bench.py --preset real needs a CUDA GPU: it builds random-weight Qwen2.5-VL-3B + SD3.5-large "
-                     "in bf16 (~24 GB of weights). On CPU use --preset tiny or --preset small.")
         a.grad_ckpt = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if a.preset == "real" else torch.float32
@@ -1110,4 +1134,4 @@ def plan_main(a):
 
 
 if __name__ == "__main__":
-    main(p.parse_args())
+    runs.cli(lambda: main(p.parse_args()))

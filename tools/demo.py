@@ -184,6 +184,24 @@ def read_log(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def user_error(message):
+    """The scripts' user error (runs.cli's, without importing runs here): one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_writable(path, given):
+    """--out_dir: a folder (or nothing yet, under a folder) this process may write in (runs.check_writable's rule)."""
+    d = path
+    while not os.path.lexists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        user_error(f"--out_dir {given}: " + ("exists and is not a folder" if d == path else
+                                             f"{d} is a file, not a folder"))
+    if not os.access(d, os.W_OK | os.X_OK):
+        user_error(f"--out_dir {given}: cannot write in {d} (no write permission, or a read-only file system)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/demo", help="everything goes here; report.md + report.png at the top")
@@ -198,6 +216,7 @@ def main(argv=None):
     p.add_argument("--spawn", action="store_true", help=(
         "run each phase as a new python process (default on Linux: a fork of this one, which has imported torch, "
         "transformers, diffusers and open_clip once; the same scripts and results, 4-8 s less start-up a phase on 2 cores)"))
+    p.error = lambda message: user_error(f"{message} (see --help)")
     a = p.parse_args(argv)
     q = int(a.quick)
     n = {k: v[q] for k, v in PLAN.items()}
@@ -205,6 +224,7 @@ def main(argv=None):
     if K < 1 or n["s2_steps"] % K or n["s3_steps"] % K:
         p.error(f"--rounds {K}: must divide the stage 2 and stage 3 steps ({n['s2_steps']}, {n['s3_steps']})")
     out = os.path.abspath(a.out_dir)
+    check_writable(out, a.out_dir)
     rep = out if K == 1 else os.path.join(out, f"rounds{K}")  # where this schedule's stages and report go
     os.makedirs(rep, exist_ok=True)
     log, t_start = os.path.join(rep, "demo.log"), time.time()

@@ -233,25 +233,38 @@ def readme(out, meta, done, a):
     return "\n".join(L) + "\n"
 
 
+def validate(a):
+    """Every flag and path, before anything loads or is written: --init a checkpoint (read, not loaded), --out a
+    writable folder that is new, empty or (--overwrite) replaceable: never a training run's nor one that holds --init.
+    A user error raises runs.UsageError or images.CheckpointError."""
+    runs.need(bool(a.init), "--init is required: a run directory (or its ckpt/) written by a stage script")
+    runs.need(bool(a.out), "--out is required: the folder to write")
+    runs.one_of(a, "dtype", ("fp32", "bf16"))
+    runs.at_least(a, 0, "temperature")
+    runs.above(a, 0, "top_p")
+    runs.need(a.top_p <= 1, f"--top_p {a.top_p}: must be in (0, 1]")
+    runs.at_least(a, 1, "max_new_tokens", "steps")
+    runs.finite(a, "cfg")
+    ck.check_checkpoint(a.init, "--init")
+    runs.check_writable("out", a.out)
+    run = runs.training_run_entries(a.out)
+    runs.need(not run, f"--out {a.out} holds a training run ({', '.join(run)}): export writes a new folder")
+    out, init = os.path.realpath(a.out), os.path.realpath(a.init)
+    runs.need(os.path.commonpath([out, init]) != out, f"--out {a.out} holds --init {a.init}: --overwrite would "
+                                                      "delete it; write the export elsewhere")
+    runs.need(not (os.path.isdir(a.out) and os.listdir(a.out)) or a.overwrite,
+              f"--out {a.out} is not empty (pass --overwrite to replace it)")
+
+
 def main(argv=None):
-    from transformers import HfArgumentParser
-    a, = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
-    err = None
-    if not a.init:
-        err = "--init is required: a run directory (or its ckpt/) written by a stage script"
-    elif not a.out:
-        err = "--out is required: the folder to write"
-    elif os.path.isdir(a.out) and os.listdir(a.out) and not a.overwrite:
-        err = f"--out {a.out} is not empty (pass --overwrite to replace it)"
-    elif a.dtype not in ("fp32", "bf16"):
-        err = f"--dtype must be fp32 or bf16, got {a.dtype!r}"
-    if err is None:
-        try:
-            done = export(a)
-        except (images.CheckpointError, OSError) as e:  # a bad checkpoint, base models not found, disk full
-            err = str(e)
-    if err:
-        print(f"error: {err}", file=sys.stderr)
+    """-> exit status: 0, or 2 after one `error:` line (a flag, --init or --out; or the export failing on a base
+    model that cannot be found or a full disk)."""
+    try:
+        a = runs.parse_args(Args, argv)
+        validate(a)
+        done = export(a)
+    except (*runs.USER_ERRORS, OSError) as e:
+        print(f"error: {runs.one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: " + "; ".join(f"{k}/ ({v})" for k, v in done.items()) + "; projector.*; README.md")
     return 0

@@ -238,7 +238,11 @@ def locate(release_dir, sd3=None, processor=None):
     d = release_dir
     if not os.path.isdir(d) and re.fullmatch(r"[\w.-]+/[\w.-]+", d):  # a hub repo id, e.g. zhiyuanyan1/UAE
         from huggingface_hub import snapshot_download
-        d = snapshot_download(d)
+        try:
+            d = snapshot_download(d)
+        except Exception as e:  # offline and not in the cache, no such repo, no network
+            raise Error(f"released:{release_dir}: not a folder, and the hub repo cannot be fetched "
+                        f"({type(e).__name__}: {e}); download it: hf download {release_dir} --local-dir DIR") from None
     if not os.path.isdir(d):
         raise Error(f"released:{release_dir}: not a folder (expected the downloaded release: llm/, llm_lora/, dit/, dit_lora/)")
     roots = [os.path.join(d, "Checkpoints"), d]
@@ -514,12 +518,35 @@ def main(argv=None):
     ap.add_argument("--decoder", default=None, help=f"SD3.5-large folder or hub id (default: SD3/ in the release, else {model.REAL_DECODER})")
     ap.add_argument("--processor", default=None, help="the processor when the release has none with a complete "
                                                       f"tokenizer (default: {BASE_PROCESSOR}, from the hub cache)")
+
+    def error(message):
+        raise Error(f"{message} (see --help)")
+    ap.error = error
     a = ap.parse_args(argv)
-    try:
-        convert(a.release, a.out, a.decoder, a.processor)
-    except images.CheckpointError as e:
-        sys.exit(f"error: {e}")
+    hub_id = not a.release.startswith(("/", ".", "~")) and re.fullmatch(r"[\w.-]+/[\w.-]+", a.release)
+    for ok, msg in (
+            (os.path.isdir(a.release) or hub_id, f"release {a.release}: no such folder (expected the downloaded "
+                                                 "release: llm/, llm_lora/, dit/, dit_lora/; or a hub id)"),
+            (not a.decoder or not a.decoder.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(a.decoder)),
+             f"--decoder {a.decoder}: no such folder"),
+            (not a.processor or os.path.isdir(os.path.expanduser(a.processor)), f"--processor {a.processor}: no such folder"),
+            (not (os.path.isdir(a.out) and os.listdir(a.out)), f"out {a.out} exists and is not empty: choose a new folder"),
+            (not os.path.exists(a.out) or os.path.isdir(a.out), f"out {a.out} exists and is not a folder")):
+        if not ok:
+            raise Error(msg)
+    parent = os.path.abspath(a.out)
+    while not os.path.lexists(parent):  # the nearest existing folder on the way up: where the first write happens
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Error(f"out {a.out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Error(f"out {a.out}: cannot write in {parent} (no write permission, or a read-only file system)")
+    convert(a.release, a.out, a.decoder, a.processor)
 
 
 if __name__ == "__main__":
-    main()
+    try:  # as runs.cli, which this module cannot import (runs imports it): a user error is one line, exit 2
+        main()
+    except Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
