@@ -100,9 +100,13 @@ def check_out(command, args):
 
 
 def write_out(folder, path, write):
-    """write(path) one output, recorded first in its folder's runs.OUTPUTS (when --out is a folder)."""
+    """write(path) one output, recorded first in its folder's runs.OUTPUTS (when --out is a folder, or a file in a
+    folder this script already writes into: a later command into that folder then finds it its own)."""
     if folder is None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        if (runs.read_outputs(parent) or {}).get("tool") == TOOL:
+            runs.record_outputs(parent, TOOL, [os.path.basename(path)])
     else:
         runs.record_outputs(folder, TOOL, [os.path.basename(path)])
     write(path)
