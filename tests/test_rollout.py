@@ -35,8 +35,9 @@ def legacy_sample(m, images, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_t
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, 1)
 
 
-def _policy(dtype):
-    """The tiny preset with a stage-2 LoRA (r 32, every LM linear) whose B is not zero: the adapter changes the logits."""
+def _policy(dtype, eos_bias=0.0):
+    """The tiny preset with a stage-2 LoRA (r 32, every LM linear) whose B is not zero: the adapter changes the logits.
+    eos_bias > 0: EOS made likely, so that rows finish early (pad fed back) or all of them do before the cap."""
     m = runs.load_model(preset="tiny", dtype=dtype)
     torch.manual_seed(0)
     M.add_lora(m.encoder, 32, 64, M.ENCODER_LORA_TARGETS)
@@ -44,20 +45,28 @@ def _policy(dtype):
         for n, p in m.encoder.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+        if eos_bias:
+            head = m.encoder.lm_head
+            m.encoder.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+            m.encoder.lm_head.weight.copy_(head.weight)
+            m.encoder.lm_head.bias.zero_()[m.eos_id] = eos_bias
     return m.precision(dtype).eval()
 
 
 @pytest.fixture(scope="module")
 def policies(tiny_paths):
-    return {"fp32": _policy(torch.float32), "bf16": _policy(torch.bfloat16)}
+    return {"fp32": _policy(torch.float32), "bf16": _policy(torch.bfloat16), "eos": _policy(torch.float32, 6.0),
+            "stop": _policy(torch.float32, 7.0)}
 
 
 CASES = [("fp32", dict(temperature=1.0)), ("fp32", dict(temperature=0.7)), ("fp32", dict(temperature=0.0)),
          ("fp32", dict(temperature=1.0, top_p=0.9)), ("fp32", dict(temperature=1.0, top_k=5)),
-         ("bf16", dict(temperature=1.0)), ("bf16", dict(temperature=0.0))]
+         ("bf16", dict(temperature=1.0)), ("bf16", dict(temperature=0.0)), ("eos", dict(temperature=1.0)),
+         ("stop", dict(temperature=1.0))]
 
 
-@pytest.mark.parametrize("dtype,kw", CASES, ids=[f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for d, kw in CASES])
+@pytest.mark.parametrize("dtype,kw", CASES, ids=[d + "-" + "-".join(f"{k}{v}" for k, v in kw.items())
+                                                  for d, kw in CASES])
 def test_sampler_draws_what_generate_drew(policies, images, dtype, kw):
     m = policies[dtype]
     for seed in (0, 1, 2):
@@ -72,3 +81,49 @@ def test_sampler_draws_what_generate_drew(policies, images, dtype, kw):
         assert torch.equal(r.completion_mask, keep.float()) and torch.equal(r.truncated, ~is_eos.any(1))
         assert torch.equal(scores, want_scores), seed                    # the processed scores, bit for bit
         assert len(set(r.texts)) > 1 or kw["temperature"] == 0
+        if dtype == "eos":    # some rows finished early (pad fed back), others ran to the cap
+            assert 0 < int(r.truncated.sum()) < 8, (seed, r.truncated)
+        if dtype == "stop":   # every row sampled EOS: the decode stopped before the cap
+            assert want.shape[1] < MAX_NEW and not r.truncated.any(), (seed, want.shape)
+
+
+@pytest.mark.parametrize("B,G", [(1, 8), (2, 1)])
+def test_sampler_draws_what_generate_drew_one_image_or_one_row_each(policies, images, B, G):
+    """The prompt runs once per image and its cache is repeated G times: the same draws at other shapes (one image,
+    as sample_captions_seeded calls it; one caption per image, as stage 1 and the eval)."""
+    m = policies["fp32"]
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        want, want_scores = legacy_sample(m, images[:B], G=G, max_new_tokens=MAX_NEW)
+        torch.manual_seed(seed)
+        r, scores = m.sample_captions(images[:B], G=G, max_new_tokens=MAX_NEW, output_scores=True)
+        assert torch.equal(scores, want_scores) and torch.equal(r.completion_ids, want), seed
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_logprobs_reuse_the_rollouts_vision_output_exactly(policies, images, dtype):
+    """completion_logprobs with the rollout's vision-tower output (computed once per image) gives the log-probs of
+    running the tower again on the repeated pixels, bit for bit: no-grad (reference, old) and with grad (policy)."""
+    m = policies[dtype]
+    torch.manual_seed(0)
+    r = m.sample_captions(images, G=4, max_new_tokens=MAX_NEW)
+    assert r.image_embeds is not None and len(r.image_embeds) == 8 and r.image_embeds[0] is r.image_embeds[3]
+    bare = M.Rollout(*[getattr(r, f) for f in ("prompt_ids", "prompt_mask", "mm_token_type_ids", "pixel_values",
+                                                "image_grid_thw", "completion_ids", "completion_mask", "texts",
+                                                "truncated")])
+    assert bare.image_embeds is None
+    with torch.no_grad():
+        assert torch.equal(m.completion_logprobs(r), m.completion_logprobs(bare))
+        assert torch.equal(m.completion_logprobs(r.rows(2, 7), 0.7), m.completion_logprobs(bare.rows(2, 7), 0.7))
+    with M.adapters_disabled(m.encoder), torch.no_grad():
+        assert torch.equal(m.completion_logprobs(r), m.completion_logprobs(bare))
+    m.train()
+    try:
+        a, ea = m.completion_logprobs(r.rows(0, 4), with_entropy=True)
+        b, eb = m.completion_logprobs(bare.rows(0, 4), with_entropy=True)
+        assert a.requires_grad and torch.equal(a, b) and torch.equal(ea, eb)
+    finally:
+        m.eval()
+    both = M.Rollout.cat([r.rows(0, 3), r.rows(3, 8)], m.pad_id)
+    with torch.no_grad():
+        assert len(both.image_embeds) == 8 and torch.equal(m.completion_logprobs(both), m.completion_logprobs(r))
