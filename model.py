@@ -359,18 +359,8 @@ class UAE(nn.Module):
     def completion_logprobs(self, r, temperature=1.0, with_entropy=False):
         """Per-token log pi(y_t | x, y_<t), (N, T) fp32, exactly as sampled: suppressed ids masked,
         logits / temperature, selective log-softmax (gather - logsumexp, one row at a time, never
-        the full (N, T, V) log-softmax). The vision tower is frozen (no LoRA): the rollout's output of it is
-        reused when the Rollout carries it, the same numbers as running it again on pixel_values."""
-        T = r.completion_ids.shape[1]
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
-        mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
-        vision = dict(pixel_values=r.pixel_values) if r.image_embeds is None else dict(  # the rollout's tower output
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=r.image_embeds)})
-        with self.autocast():
-            logits = self.encoder(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm,
-                                  image_grid_thw=r.image_grid_thw, logits_to_keep=T + 1,
-                                  **vision).logits[:, :-1]  # (N, T, V)
+        the full (N, T, V) log-softmax), on completion_logits."""
+        logits = self.completion_logits(r)  # (N, T, V)
         lps, ents = [], []
         for row, tgt in zip(logits, r.completion_ids):  # row (T, V)
             row = row.float().masked_fill(self.suppress, float("-inf")) / max(temperature, 1e-6)
@@ -383,6 +373,49 @@ class UAE(nn.Module):
         # positions after the first EOS hold pad (a suppressed id, log-prob -inf): zero them
         lp = torch.where(r.completion_mask.bool(), torch.stack(lps), 0.0)
         return (lp, torch.stack(ents)) if with_entropy else lp
+
+    def completion_logits(self, r):
+        """The logits that score y_1..y_T, (N, T, V) in the compute dtype. The vision tower is frozen (no LoRA): the
+        rollout's output of it is reused when the Rollout carries it (the same numbers as running the tower again).
+        Then rows that share a prompt (the G captions of an image: one vision output, the same prompt ids) run it
+        once: its KV cache is computed once and gathered to its rows, and the completions run against it (the same
+        function as one pass over each row's prompt + completion, in other float roundings; reference, old and
+        policy log-probs all take this path, so the first ratio is exactly 1 and the KL of an adapter that changes
+        nothing exactly 0). One pass per row without the rollout's vision output, and under gradient checkpointing
+        (it drops KV caches in the policy pass; every pass of the run then takes the one-pass path alike)."""
+        enc, (N, P), T = self.encoder, r.prompt_ids.shape, r.completion_ids.shape[1]
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)                                # (N, P + T)
+        attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
+        mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
+        ckpt = any(getattr(layer, "gradient_checkpointing", False) for layer in enc.model.language_model.layers)
+        if r.image_embeds is None or ckpt:
+            vision = dict(pixel_values=r.pixel_values) if r.image_embeds is None else dict(
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=r.image_embeds)})
+            with self.autocast():
+                return enc(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,
+                           logits_to_keep=T + 1, **vision).logits[:, :-1]                 # (N, T, V)
+        # group g = a run of rows with the same vision output and prompt; first[g] its first row, of[i] row i's group
+        first = [i for i in range(N) if i == 0 or not (r.image_embeds[i] is r.image_embeds[i - 1] and torch.equal(
+            r.prompt_ids[i], r.prompt_ids[i - 1]) and torch.equal(r.prompt_mask[i], r.prompt_mask[i - 1]))]
+        of = torch.tensor([sum(f <= i for f in first) - 1 for i in range(N)], device=ids.device)        # (N,)
+        u = torch.tensor(first, device=ids.device)
+        # Qwen's 3D rotary positions of prompt + completion, as one pass over the row computes them
+        pos = enc.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,
+                                       attention_mask=attn)[0]                                # (3, N, P + T)
+        cache = DynamicCache(config=enc.config)
+        with self.autocast():
+            h = enc.model(input_ids=r.prompt_ids[u], attention_mask=r.prompt_mask[u], mm_token_type_ids=
+                          r.mm_token_type_ids[u], image_grid_thw=r.image_grid_thw[u], position_ids=pos[:, u, :P],
+                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(
+                              pooler_output=tuple(r.image_embeds[i] for i in first))},
+                          use_cache=True, **{self._cache_kw: cache}).last_hidden_state[:, -1:][of]  # (N, 1, hidden)
+            if T > 1:  # y_2..y_T from the completion's own positions, against the prompt's cache
+                cache.batch_select_indices(of)                                              # (N, heads, P, d) per layer
+                hc = enc.model.language_model(input_ids=r.completion_ids[:, :-1], position_ids=pos[:, :, P:-1],
+                                              attention_mask=attn[:, :-1], use_cache=True,
+                                              **{self._cache_kw: cache}).last_hidden_state  # (N, T - 1, hidden)
+                h = torch.cat([h, hc], 1)
+            return enc.lm_head(h)                                                              # (N, T, V)
 
     # ---------------- condition: caption text only -> H -> g ----------------
     def encode_text(self, captions, max_tokens=1024):
