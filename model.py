@@ -276,8 +276,9 @@ class UAE(nn.Module):
         pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
         with self.autocast():
             feats = self.encoder.model.get_image_features(b["pixel_values"], b["image_grid_thw"], return_dict=True)
-            comp, scores = self.decode(b["input_ids"], b["attention_mask"], b["mm_token_type_ids"], b["image_grid_thw"],
-                                       feats.pooler_output, G, temperature, top_p, top_k, max_new_tokens, output_scores)
+            comp, scores = self.sample_tokens(b["input_ids"], b["attention_mask"], b["mm_token_type_ids"],
+                                              b["image_grid_thw"], feats.pooler_output, G, temperature, top_p, top_k,
+                                              max_new_tokens, output_scores)
         is_eos = comp == self.eos_id
         # mask: 1 up to and including the first EOS, 0 after (docs/algorithm.md §4)
         cmask = (is_eos.cumsum(1) - is_eos.long()) == 0
@@ -291,8 +292,8 @@ class UAE(nn.Module):
             return r, scores  # (N, T, V) processed scores of the sampling pass
         return r
 
-    def decode(self, ids, mask, mm, grid, image_embeds, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
-               output_scores=False):
+    def sample_tokens(self, ids, mask, mm, grid, image_embeds, G=1, temperature=1.0, top_p=1.0, top_k=0,
+                      max_new_tokens=512, output_scores=False):
         """G samples of each of B prompts: the KV-cached sampling loop of transformers' generate
         (GenerationMixin._sample) over the B*G repeated rows, with what a rollout needs and nothing else; every draw
         is generate's under the same torch seed, token for token (tests/test_rollout.py). The prompt (prefill) runs
