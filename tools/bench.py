@@ -242,7 +242,12 @@ def stage2_step(m, bb, opt, params, neg, x, s2, step):
     torch.nn.utils.clip_grad_norm_(params, s2.grad_clip)
     opt.step()
     ck("optimizer")
-    return ck.d, {"images": N, "caption_tokens": n_tok}
+    return ck.d, {"images": N, "caption_tokens": n_tok, "condition_tokens": condition_tokens(m, roll.texts)}
+
+
+def condition_tokens(m, texts):
+    """Tokens of the captions as the environment re-reads them (caption length sets its DiT's text tokens)."""
+    return sum(len(ids) for ids in m.tokenizer(texts, add_special_tokens=False).input_ids)
 
 
 def stage3_step(m, bb, opt, params, neg, x, s3, step, cache=None):
@@ -560,7 +565,7 @@ def trl_trainer(a, sargs, bb, x, device, dtype, on_step):
 
     def reconstruction_reward(prompts, completions, idx, **_):  # TRL's reward function: rows grouped G at a time
         t0 = now()
-        texts = [c[0]["content"].strip() for c in completions]                   # as sample_captions strips them
+        texts = cur["texts"] = [c[0]["content"].strip() for c in completions]   # as sample_captions strips them
         noise = S2.group_noise(mt.latent_shape(sargs.resolution, sargs.resolution), sargs.seed, cur["step"],
                                range(len(x)), device)[torch.tensor(idx)]       # one noise per source image
         recon = S2.reconstruct(mt, texts, noise, neg, sargs)                      # (N, 3, H, W)
@@ -592,7 +597,8 @@ def trl_trainer(a, sargs, bb, x, device, dtype, on_step):
             d["optimizer"] = total - t["training_step"]
             d["other"] = t["prepare"] - sum(d[k] for k in ("generate", "condition+reconstruct", "reward", "reference"))
             cur["step"] += 1
-            on_step(d, {"caption_tokens": tr._metrics["train"]["completions/mean_length"][-1] * len(x) * G})
+            on_step(d, {"caption_tokens": tr._metrics["train"]["completions/mean_length"][-1] * len(x) * G,
+                        "condition_tokens": condition_tokens(mt, cur["texts"])})
 
     pil = [Image.fromarray((im.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()) for im in x]
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": M.INSTRUCTION}]}]
@@ -660,7 +666,7 @@ def vs_trl(a):
     tot = lambda side: [sum(r[side][0].values()) for r in rows]
     ratios = [p_ / t_ for p_, t_ in zip(tot("project"), tot("trl"))]
     med = lambda side, ph: statistics.median(r[side][0].get(ph, 0.0) for r in rows)
-    tokens = lambda side: statistics.median(r[side][1]["caption_tokens"] for r in rows)
+    tokens = lambda side, k="caption_tokens": statistics.median(r[side][1][k] for r in rows)
     out = {"preset": a.preset, "threads": torch.get_num_threads(), "rounds": len(rows), "warmup": a.warmup,
            "trl": trl.__version__, "torch": torch.__version__, "load_avg_before": load0, "load_avg_after": load1,
            "workload": f"B {sargs.batch_size} x G {sargs.G}, {sargs.max_new_tokens} new tokens, cfg {sargs.cfg}, "
@@ -670,7 +676,8 @@ def vs_trl(a):
            "ratios": ratios, "project_step_s": tot("project"), "trl_step_s": tot("trl"),
            "project_phases_s": {ph: med("project", ph) for ph in rows[0]["project"][0]},
            "trl_phases_s": {ph: med("trl", ph) for ph in rows[0]["trl"][0]},
-           "caption_tokens": {"project": tokens("project"), "trl": tokens("trl")}}
+           "caption_tokens": {"project": tokens("project"), "trl": tokens("trl")},
+           "condition_tokens": {side: tokens(side, "condition_tokens") for side in ("project", "trl")}}
     print(f"\nstage 2 vs TRL {trl.__version__} GRPOTrainer ({a.preset}, cpu, {out['threads']} thread(s)): "
           f"{out['workload']}\n{len(rows)} alternating rounds after {a.warmup} warm-up; load average (1, 5, 15 min) "
           f"{' '.join(f'{v:.2f}' for v in load0)} before, {' '.join(f'{v:.2f}' for v in load1)} after")
@@ -681,8 +688,9 @@ def vs_trl(a):
         print(f"{ph:<28}{cell(p_)}{cell(t_)}")
     ps, ts = statistics.median(out["project_step_s"]), statistics.median(out["trl_step_s"])
     print(f"{'step (median)':<28}{1000 * ps:9.1f}{1000 * ts:9.1f}")
-    print(f"caption tokens per step (median): project {out['caption_tokens']['project']:.0f}, "
-          f"TRL {out['caption_tokens']['trl']:.0f}")
+    print(f"per step (median): caption tokens sampled: project {out['caption_tokens']['project']:.0f}, TRL "
+          f"{out['caption_tokens']['trl']:.0f}; as the environment re-reads them: project "
+          f"{out['condition_tokens']['project']:.0f}, TRL {out['condition_tokens']['trl']:.0f}")
     print(f"paired ratio project / TRL per round: {' '.join(f'{v:.3f}' for v in ratios)}")
     print(f"stage 2 = {out['ratio_median']:.3f} x TRL (median of {len(rows)} rounds) "
           f"[{out['ratio_min']:.3f}-{out['ratio_max']:.3f}]")
