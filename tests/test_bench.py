@@ -39,7 +39,7 @@ def test_quick_writes_both_stages(tmp_path, tiny_paths):
         assert r["images"] == 8 and r["images_per_s"] > 0 and r["ms_per_image"] > 0  # B*G and groups*G = 2*4
         assert stage in stdout
     assert d["stage2"]["caption_tokens"] > 0 and d["stage2"]["caption_tokens"] <= 8 * 32
-    assert d["stage2"]["caption_tokens_per_s"] > 0 and "rollout" in stdout
+    assert d["stage2"]["caption_tokens_per_s"] > 0 and "rollout" in stdout and d["stage2"]["condition_tokens"] > 0
     assert d["stage3"]["dit_train_tokens"] > 0 and 0 < d["stage3"]["dit_mfu"] < 1
     # stage 3 measured with its caption cache (the stage's default) and without, in alternate rounds
     c = d["stage3_cache"]
@@ -92,8 +92,9 @@ def test_vs_trl_runs_both_sides_on_the_same_work(tmp_path, tiny_paths):
     assert list(d["trl_phases_s"]) == PHASES["stage2"] + ["other"]
     assert all(v > 0 for k, v in d["trl_phases_s"].items() if k != "other"), d["trl_phases_s"]
     assert all(v > 0 for v in d["project_phases_s"].values()), d["project_phases_s"]
-    tok = d["caption_tokens"]
+    tok, cond = d["caption_tokens"], d["condition_tokens"]
     assert 0 < tok["trl"] <= 8 * 32 and 0 < tok["project"] <= 8 * 32 and abs(tok["trl"] - tok["project"]) <= 16
+    assert cond["trl"] > 0 and cond["project"] > 0
     assert len(d["load_avg_before"]) == 3 and "x TRL (median of 2 rounds)" in stdout
 
 
