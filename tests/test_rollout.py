@@ -178,3 +178,18 @@ def test_gradient_checkpointing_takes_one_pass_for_every_log_prob(tiny_paths, im
     new = m.completion_logprobs(r)
     assert new.requires_grad and torch.equal(new.detach(), old)
     new.sum().backward()
+
+
+def test_shared_prompt_log_probs_with_left_padded_prompts(policies, images):
+    """Rollouts of prompts of different lengths, concatenated (the shorter left-padded): the shared-prompt pass still
+    gives the log-probs of one pass per row."""
+    m = policies["fp32"]
+    torch.manual_seed(5)
+    a = m.sample_captions(images[:1], G=2, max_new_tokens=8)
+    b = m.sample_captions(images[1:], G=3, max_new_tokens=6, instruction="Describe the image in detail.")
+    r = M.Rollout.cat([a, b], m.pad_id)
+    assert not r.prompt_mask.bool().all() and r.completion_ids.shape == (5, 8)
+    with torch.no_grad():
+        lp, one = m.completion_logprobs(r), m.completion_logprobs(_bare(r))
+    mk = r.completion_mask.bool()
+    assert (lp - one)[mk].abs().max() < 2e-5 and torch.equal(lp[~mk], torch.zeros_like(lp[~mk]))
