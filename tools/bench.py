@@ -548,7 +548,7 @@ def trl_trainer(a, sargs, bb, x, device, dtype, on_step):
     TRL's step = from the Trainer's on_step_begin to on_step_end: its training step (rollout, reward, reference,
     loss, backward), clip and optimizer; its data loader (before) and logging (after) are outside, as the
     project's step has none."""
-    import tempfile
+    import tempfile  # here: TRL and datasets are optional benchmark dependencies, only --vs trl imports them
     from datasets import Dataset
     from peft import LoraConfig
     from PIL import Image
@@ -632,7 +632,7 @@ def vs_trl(a):
     rounds), after --warmup steps of each; per round the ratio project / TRL. Prints the paired ratios' median
     [min-max], each side's median phases, and the load average before and after. -> the JSON dict."""
     try:
-        import trl
+        import trl  # an optional benchmark dependency (requirements-bench.txt): only this mode needs it
     except ImportError:
         sys.exit("bench.py --vs trl needs TRL, an optional benchmark dependency: in a virtual environment of its own, "
                  "pip install -r requirements.txt -r requirements-bench.txt")
