@@ -10,6 +10,7 @@ Flow convention (docs/algorithm.md §2), used everywhere in this repo:
     the DiT predicts v = eps - x0,  x0_hat = x_s - s v,  DiT timestep = 1000 s.
 """
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import (CLIPTextModelWithProjection, CLIPTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor)
+from transformers import (CLIPTextModelWithProjection, CLIPTokenizer, DynamicCache, GenerationConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -175,6 +178,8 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the first EOS
     texts: list                    # N decoded captions
     truncated: torch.Tensor        # (N,) bool, no EOS within max_new_tokens
+    image_embeds: tuple = None     # N x (image tokens, hidden): the vision tower's output, computed once per image
+                                   # (G rows share one tensor); None: completion_logprobs runs the tower on pixel_values
 
     def rows(self, i, j):
         """Rows i..j-1 (a micro-batch); pixel patches are sliced by each row's grid size."""
@@ -182,7 +187,8 @@ class Rollout:
         start, stop = int(per[:i].sum()), int(per[:j].sum())
         return Rollout(self.prompt_ids[i:j], self.prompt_mask[i:j], self.mm_token_type_ids[i:j],
                        self.pixel_values[start:stop], self.image_grid_thw[i:j], self.completion_ids[i:j],
-                       self.completion_mask[i:j], self.texts[i:j], self.truncated[i:j])
+                       self.completion_mask[i:j], self.texts[i:j], self.truncated[i:j],
+                       None if self.image_embeds is None else self.image_embeds[i:j])
 
     @staticmethod
     def cat(parts, pad_id):
@@ -197,7 +203,8 @@ class Rollout:
                        torch.cat([p.pixel_values for p in parts]), torch.cat([p.image_grid_thw for p in parts]),
                        torch.cat([padr(p.completion_ids, T, pad_id) for p in parts]),
                        torch.cat([padr(p.completion_mask, T, 0) for p in parts]),
-                       sum((p.texts for p in parts), []), torch.cat([p.truncated for p in parts]))
+                       sum((p.texts for p in parts), []), torch.cat([p.truncated for p in parts]),
+                       None if any(p.image_embeds is None for p in parts) else sum((p.image_embeds for p in parts), ()))
 
 
 class UAE(nn.Module):
@@ -234,6 +241,8 @@ class UAE(nn.Module):
         self.checkpoint_generation_config = encoder.generation_config
         encoder.generation_config = GenerationConfig(bos_token_id=encoder.config.text_config.bos_token_id,
                                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        # the KV cache's keyword in the encoder's forward (transformers renamed past_key_values to cache)
+        self._cache_kw = "cache" if "cache" in inspect.signature(encoder.forward).parameters else "past_key_values"
         self.compute_dtype = torch.float32
 
     @property
@@ -273,37 +282,84 @@ class UAE(nn.Module):
     @torch.no_grad()
     def sample_captions(self, images, G=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
                         instruction=INSTRUCTION, output_scores=False, instruction_first=False):
-        """B images -> B*G captions in ONE generate call (rows i*G..i*G+G-1 belong to image i)."""
+        """B images -> B*G captions in one batched decode (rows i*G..i*G+G-1 belong to image i). The vision tower
+        and the prompt run once per image, not per row (decode); the tower's output rides in the Rollout for
+        completion_logprobs."""
         b = self.caption_inputs(images, instruction, instruction_first)
         per_img = b["image_grid_thw"].prod(-1).tolist()
         pix = torch.cat([p for p in b["pixel_values"].split(per_img) for _ in range(G)])  # repeat per image
-        rep = lambda t: t.repeat_interleave(G, 0)
-        # explicit GenerationConfig: never the checkpoint's (Qwen2.5-VL ships top_k=1 -> identical samples);
-        # top_k=0 must stay 0, not None: None falls back to the model default (50) and log-probs would not match
-        # every logits processor neutral, so that the sampled distribution is the one completion_logprobs scores
-        gc = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, min_length=0,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=0.0,
-                              epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
-                              num_beams=1, renormalize_logits=False, remove_invalid_values=False,
-                              eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                              suppress_tokens=self.suppress.nonzero().flatten().tolist(),
-                              output_scores=output_scores, return_dict_in_generate=True)
-        ids, mask, mm = rep(b["input_ids"]), rep(b["attention_mask"]), rep(b["mm_token_type_ids"])
-        grid = rep(b["image_grid_thw"])
         with self.autocast():
-            out = self.encoder.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=pix,
-                                        image_grid_thw=grid, generation_config=gc)
-        comp = out.sequences[:, ids.shape[1]:]
+            feats = self.encoder.model.get_image_features(b["pixel_values"], b["image_grid_thw"], return_dict=True)
+            comp, scores = self.sample_tokens(b["input_ids"], b["attention_mask"], b["mm_token_type_ids"],
+                                              b["image_grid_thw"], feats.pooler_output, G, temperature, top_p, top_k,
+                                              max_new_tokens, output_scores)
         is_eos = comp == self.eos_id
         # mask: 1 up to and including the first EOS, 0 after (docs/algorithm.md §4)
         cmask = (is_eos.cumsum(1) - is_eos.long()) == 0
         comp = comp.masked_fill(~cmask, self.pad_id)
         texts = self.tokenizer.batch_decode(comp.masked_fill(is_eos, self.pad_id), skip_special_tokens=True)
-        r = Rollout(ids, mask, mm, pix, grid, comp, cmask.float(), [t.strip() for t in texts], ~is_eos.any(1))
+        rep = lambda t: t.repeat_interleave(G, 0)
+        emb = tuple(e for e in feats.pooler_output for _ in range(G))  # N x (image tokens, hidden), shared per image
+        r = Rollout(rep(b["input_ids"]), rep(b["attention_mask"]), rep(b["mm_token_type_ids"]), pix,
+                    rep(b["image_grid_thw"]), comp, cmask.float(), [t.strip() for t in texts], ~is_eos.any(1), emb)
         if output_scores:
-            return r, torch.stack(out.scores, 1)  # (N, T, V) processed scores of the sampling pass
+            return r, scores  # (N, T, V) processed scores of the sampling pass
         return r
+
+    def sample_tokens(self, ids, mask, mm, grid, image_embeds, G=1, temperature=1.0, top_p=1.0, top_k=0,
+                      max_new_tokens=512, output_scores=False):
+        """G samples of each of B prompts: the KV-cached sampling loop of transformers' generate
+        (GenerationMixin._sample) over the B*G repeated rows, with what a rollout needs and nothing else; every draw
+        is generate's under the same torch seed, token for token (tests/test_rollout.py). The prompt (prefill) runs
+        once per image and its KV cache is repeated G times; the decode steps run the language model and the head
+        (the image is in the cache). Each step: logits of the last position in fp32; suppressed ids -> -inf;
+        / temperature; top-k, top-p (off in stage 2: completion_logprobs scores the untruncated distribution);
+        softmax; one multinomial draw over all N rows (finished rows too, as generate: the random stream advances
+        alike); a finished row gets pad. Greedy (temperature 0): argmax after the suppression. Stops when every row
+        has sampled EOS. ids, mask, mm (B, P) left-padded prompts; grid (B, 3); image_embeds B x (image tokens,
+        hidden). -> (tokens (N, T), processed scores (N, T, V) or None), N = B*G, T <= max_new_tokens."""
+        enc, lm = self.encoder, self.encoder.model.language_model
+        cache = DynamicCache(config=enc.config)
+        # generate's position ids: row 0 the text positions (what the causal mask reads), rows 1-3 Qwen's 3D
+        # rotary positions (get_rope_index); each decoded token one further on every row
+        text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)                      # (B, P)
+        pos = torch.cat([text_pos[None], enc.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                                                  attention_mask=mask)[0]])   # (4, B, P)
+        padded = not bool(mask.all())  # generate drops an all-ones mask (the causal mask alone is then exact)
+        h = enc.model(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid, position_ids=pos,
+                      attention_mask=mask if padded else None, use_cache=True,
+                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=image_embeds)},
+                      **{self._cache_kw: cache}).last_hidden_state[:, -1:]                # (B, 1, hidden)
+        cache.batch_repeat_interleave(G)                                                   # (N, heads, P, d) per layer
+        logits = enc.lm_head(h.repeat_interleave(G, 0))  # (N, 1, V): the head over N rows, as generate's
+        mask, pos, N = mask.repeat_interleave(G, 0), pos[..., -1:].repeat_interleave(G, 1), len(logits)
+        sample, warp = temperature > 0, []  # generate's warpers, in its order, only where they change something
+        if sample and temperature != 1:
+            warp.append(TemperatureLogitsWarper(temperature))
+        if sample and top_k > 0:
+            warp.append(TopKLogitsWarper(top_k=top_k))
+        if sample and top_p < 1:
+            warp.append(TopPLogitsWarper(top_p=top_p))
+        unfinished = torch.ones(N, dtype=torch.bool, device=ids.device)
+        tokens, scores = [], []
+        while True:
+            s = logits[:, -1].float().masked_fill(self.suppress, float("-inf"))                # (N, V)
+            for w in warp:
+                s = w(None, s)
+            nxt = torch.multinomial(s.softmax(-1), 1).squeeze(1) if sample else s.argmax(-1)         # (N,)
+            nxt = torch.where(unfinished, nxt, self.pad_id)
+            unfinished &= nxt != self.eos_id
+            tokens.append(nxt)
+            if output_scores:
+                scores.append(s)
+            if not unfinished.any() or len(tokens) == max_new_tokens:
+                break
+            pos = pos + 1                                                                      # (4, N, 1)
+            mask = torch.cat([mask, mask.new_ones(N, 1)], 1) if padded else mask
+            h = lm(input_ids=nxt[:, None], position_ids=pos, attention_mask=mask if padded else None, use_cache=True,
+                   **{self._cache_kw: cache}).last_hidden_state                            # (N, 1, hidden)
+            logits = enc.lm_head(h)                                                            # (N, 1, V)
+        return torch.stack(tokens, 1), torch.stack(scores, 1) if output_scores else None
 
     def sample_captions_seeded(self, images, seeds, **gen):
         """sample_captions one image at a time, image b under torch seed seeds[b] (CPU and CUDA streams restored
@@ -318,14 +374,8 @@ class UAE(nn.Module):
     def completion_logprobs(self, r, temperature=1.0, with_entropy=False):
         """Per-token log pi(y_t | x, y_<t), (N, T) fp32, exactly as sampled: suppressed ids masked,
         logits / temperature, selective log-softmax (gather - logsumexp, one row at a time, never
-        the full (N, T, V) log-softmax)."""
-        T = r.completion_ids.shape[1]
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
-        mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
-        with self.autocast():
-            logits = self.encoder(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=r.pixel_values,
-                                  image_grid_thw=r.image_grid_thw, logits_to_keep=T + 1).logits[:, :-1]  # (N, T, V)
+        the full (N, T, V) log-softmax), on completion_logits."""
+        logits = self.completion_logits(r)  # (N, T, V)
         lps, ents = [], []
         for row, tgt in zip(logits, r.completion_ids):  # row (T, V)
             row = row.float().masked_fill(self.suppress, float("-inf")) / max(temperature, 1e-6)
@@ -338,6 +388,49 @@ class UAE(nn.Module):
         # positions after the first EOS hold pad (a suppressed id, log-prob -inf): zero them
         lp = torch.where(r.completion_mask.bool(), torch.stack(lps), 0.0)
         return (lp, torch.stack(ents)) if with_entropy else lp
+
+    def completion_logits(self, r):
+        """The logits that score y_1..y_T, (N, T, V) in the compute dtype. The vision tower is frozen (no LoRA): the
+        rollout's output of it is reused when the Rollout carries it (the same numbers as running the tower again).
+        Then rows that share a prompt (the G captions of an image: one vision output, the same prompt ids) run it
+        once: its KV cache is computed once and gathered to its rows, and the completions run against it (the same
+        function as one pass over each row's prompt + completion, in other float roundings; reference, old and
+        policy log-probs all take this path, so the first ratio is exactly 1 and the KL of an adapter that changes
+        nothing exactly 0). One pass per row without the rollout's vision output, and under gradient checkpointing
+        (it drops KV caches in the policy pass; every pass of the run then takes the one-pass path alike)."""
+        enc, (N, P), T = self.encoder, r.prompt_ids.shape, r.completion_ids.shape[1]
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)                                # (N, P + T)
+        attn = torch.cat([r.prompt_mask, torch.ones_like(r.completion_ids)], 1)
+        mm = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], 1)  # zeros over the completion
+        ckpt = any(getattr(layer, "gradient_checkpointing", False) for layer in enc.model.language_model.layers)
+        if r.image_embeds is None or ckpt:
+            vision = dict(pixel_values=r.pixel_values) if r.image_embeds is None else dict(
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=r.image_embeds)})
+            with self.autocast():
+                return enc(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,
+                           logits_to_keep=T + 1, **vision).logits[:, :-1]                 # (N, T, V)
+        # group g = a run of rows with the same vision output and prompt; first[g] its first row, of[i] row i's group
+        first = [i for i in range(N) if i == 0 or not (r.image_embeds[i] is r.image_embeds[i - 1] and torch.equal(
+            r.prompt_ids[i], r.prompt_ids[i - 1]) and torch.equal(r.prompt_mask[i], r.prompt_mask[i - 1]))]
+        of = torch.tensor([sum(f <= i for f in first) - 1 for i in range(N)], device=ids.device)        # (N,)
+        u = torch.tensor(first, device=ids.device)
+        # Qwen's 3D rotary positions of prompt + completion, as one pass over the row computes them
+        pos = enc.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,
+                                       attention_mask=attn)[0]                                # (3, N, P + T)
+        cache = DynamicCache(config=enc.config)
+        with self.autocast():
+            h = enc.model(input_ids=r.prompt_ids[u], attention_mask=r.prompt_mask[u], mm_token_type_ids=
+                          r.mm_token_type_ids[u], image_grid_thw=r.image_grid_thw[u], position_ids=pos[:, u, :P],
+                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(
+                              pooler_output=tuple(r.image_embeds[i] for i in first))},
+                          use_cache=True, **{self._cache_kw: cache}).last_hidden_state[:, -1:][of]  # (N, 1, hidden)
+            if T > 1:  # y_2..y_T from the completion's own positions, against the prompt's cache
+                cache.batch_select_indices(of)                                              # (N, heads, P, d) per layer
+                hc = enc.model.language_model(input_ids=r.completion_ids[:, :-1], position_ids=pos[:, :, P:-1],
+                                              attention_mask=attn[:, :-1], use_cache=True,
+                                              **{self._cache_kw: cache}).last_hidden_state  # (N, T - 1, hidden)
+                h = torch.cat([h, hc], 1)
+            return enc.lm_head(h)                                                              # (N, T, V)
 
     # ---------------- condition: caption text only -> H -> g ----------------
     def encode_text(self, captions, max_tokens=1024):

@@ -211,7 +211,7 @@ def main(argv=None):
     m, lora_cfg = setup(args, dtype, device)
     if args.fsdp:  # FSDP2 over the environment's DiT blocks; every rank then runs every DiT call
         T.fsdp_shard(m, ("transformer",), dtype, world)
-    torch.manual_seed(args.seed + rank)  # unseeded draws (batched generate) differ by rank
+    torch.manual_seed(args.seed + rank)  # unseeded draws (batched sampling) differ by rank
     params = [p for p in m.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if args.fsdp:
@@ -236,7 +236,7 @@ def main(argv=None):
         gids = [t * args.batch_size * world + rank * args.batch_size + b for b in range(args.batch_size)]
         x, _, names = ds.batch(idx)
         x = x.to(device)                                                         # (B, 3, H, W)
-        # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached generate
+        # 1. Rollout: G captions per image from pi_old = the current policy, one KV-cached batched decode
         m.eval()
         gen = dict(G=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, instruction=M.instruction_text(args.instruction),

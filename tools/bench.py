@@ -2,17 +2,19 @@
 Where the time and memory go: the stage-2 and stage-3 training steps cut down for measurement
 (nanoGPT's bench.py). Not a second implementation: every phase calls the functions the stage scripts
 call (model.UAE, stage2_grpo_und, stage3_grpo_gen) with their Args defaults; no data loader, logs or
-checkpoints. Synthetic source images; medians over --iters steps after --warmup. Every step is paired with a
-fixed calibration workload timed around it (calibration()), and the verdicts against the targets (set against the
-peers on the same work: TRL's GRPOTrainer, Flow-GRPO) use step / calibration, so they hold on a faster or slower
-machine. Stage 3 runs as its script does by default, with the caption cache, and without it in alternate rounds.
+checkpoints. Synthetic source images; medians over --iters steps after --warmup. Stage 3 runs as its script does
+by default, with the caption cache, and without it in alternate rounds.
+--vs trl: stage 2 side by side with TRL's GRPOTrainer on the same work, step for step in one process (vs_trl):
+the paired ratio project / TRL per round, on the machine that runs it (TRL: requirements-bench.txt, never needed
+to train).
 
-  python tools/bench.py --preset tiny --stage all  # the target workloads (CPU, 2 threads)
-  python tools/bench.py --preset tiny --threads 1  # the 1-thread targets: steadier when other jobs share the CPUs
+  python tools/bench.py --preset tiny --stage all  # the default workloads (CPU, 2 threads)
+  python tools/bench.py --preset tiny --threads 1  # steadier when other jobs share the CPUs
+  python tools/bench.py --vs trl [--threads 1]     # stage 2 next to TRL's GRPOTrainer: paired ratios, phases
   python tools/bench.py --preset tiny --sweep      # + step time vs G, caption length, SDE steps, resolution; cache vs K
   python tools/bench.py --preset small             # random LVLM 256 x 4 layers, DiT 4 x 4 heads x 32, 128 px
   python tools/bench.py --preset real              # GPU only: Qwen2.5-VL-3B + SD3.5-large sizes, random, bf16
-  python tools/bench.py --quick --sweep            # CI: 1 warm-up + 2 steps (2-point sweeps of 1 step)
+  python tools/bench.py --quick [--sweep]          # CI: 1 warm-up + 2 steps (2-point sweeps of 1 step)
   python tools/bench.py --preset real --plan       # CPU: the memory plan of the real launches (docs/operations.md)
 
 Memory: CPU = the process's peak RSS (resource.getrusage; its high-water mark is reset per stage via
@@ -57,34 +59,6 @@ PRESETS = {  # random-weight sizes built here (tiny: tiny.build_tiny's); res: im
 }
 SWEEPS = {"stage2": [("G", [2, 4, 8]), ("max_new_tokens", [16, 32, 64])],  # --quick: the first two points
           "stage3": [("G", [2, 4, 8]), ("sample_steps", [3, 6, 12]), ("resolution", [0.5, 1, 2])]}  # x preset res
-# The targets, restated on the same work as the side-by-side measurement against the peers (issue #18: tiny weights,
-# the default workloads below, 5 alternating rounds, paired ratios project / peer, at 1 and at 2 CPU threads):
-# stage 2 <= 0.8 x TRL's GRPOTrainer per step, stage 3 <= 0.5 x Flow-GRPO per image. In seconds on the reference
-# machine (the 2-core development machine of that measurement), whose calibration workload (calibration()) took
-# CALIB_REF_S[threads]. A run divides every step by the calibration timed next to it, so a verdict does not flip with
-# how fast the machine is that day. How the reference is pinned: the as-is steps (stage 3 without the caption cache)
-# were timed here against the calibration, AS_IS = median paired step / calibration; on the reference machine the
-# as-is stage 2 took ratio x TRL's figure, hence CALIB_REF_S = TRL x ratio / AS_IS; Flow-GRPO's per-image time there
-# is the as-is stage 3's divided by its ratio.
-PEER_RATIOS = {2: {"stage2": 0.76, "stage3": 0.47}, 1: {"stage2": 0.86, "stage3": 0.67}}  # issue #18, as-is / peer
-TRL_S_PER_STEP = {2: 0.345, 1: 0.368}                                                      # issue #18
-# AS_IS: pooled medians of step / calibration of the as-is steps, 2 threads: 3 runs x 11 rounds, quiet machine;
-# 1 thread: 3 runs x 15 rounds, load 3-5 (python tools/bench.py --iters 15 [--threads 1], stage2 and stage3_no_cache).
-AS_IS = {2: {"stage2": 10.21, "stage3": 13.62}, 1: {"stage2": 7.72, "stage3": 10.50}}
-CALIB_REF_S = {t: TRL_S_PER_STEP[t] * PEER_RATIOS[t]["stage2"] / AS_IS[t]["stage2"] for t in AS_IS}
-PEERS = {t: {"stage2": {"peer": "TRL GRPOTrainer", "peer_value": TRL_S_PER_STEP[t], "unit": "s/step", "factor": 0.8,
-                        "ratio_as_is": PEER_RATIOS[t]["stage2"],
-                        "source": f"issue #18, {t} thread(s): TRL {TRL_S_PER_STEP[t]} s/step, as-is project / TRL "
-                                  f"{PEER_RATIOS[t]['stage2']} (B 2 x G 4, 32 tokens, CFG 5 reconstruction, LoRA r 32 "
-                                  "on every LM linear, beta 0.04)"},
-             "stage3": {"peer": "Flow-GRPO", "unit": "ms/image", "factor": 0.5, "ratio_as_is": PEER_RATIOS[t]["stage3"],
-                        "peer_value": round(1000 * AS_IS[t]["stage3"] * CALIB_REF_S[t] / 8 / PEER_RATIOS[t]["stage3"], 1),
-                        "source": f"issue #18, {t} thread(s): as-is project / Flow-GRPO {PEER_RATIOS[t]['stage3']} per "
-                                  "image (group 4 x 2, 6 SDE steps, CFG 4.5, KL); Flow-GRPO's ms/image = the as-is "
-                                  "step's on the reference machine / that ratio"}}
-         for t in AS_IS}
-TARGETS = {t: {k: (v["unit"], round(v["factor"] * v["peer_value"], 3)) for k, v in d.items()} for t, d in PEERS.items()}
-
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model sizes (random weights)")
 p.add_argument("--stage", default="all", choices=["2", "3", "all"], help="which training step to measure")
@@ -106,6 +80,8 @@ p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (always on for --preset real)")
 p.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense: 989)")
 p.add_argument("--out", default="out/bench.json", help="JSON results")
+p.add_argument("--vs", default="", choices=["", "trl"], help="trl: stage 2 side by side with TRL's GRPOTrainer, "
+               "--iters alternating rounds (needs TRL: requirements-bench.txt)")
 p.add_argument("--plan", action="store_true", help="memory plan (CPU, no GPU): per-GPU memory of each stage's README real "
                "launch under DDP and FSDP, with a fit verdict (use with --preset real)")
 p.add_argument("--gpus", type=int, default=8, help="--plan: GPUs the launch is spread over")
@@ -267,7 +243,12 @@ def stage2_step(m, bb, opt, params, neg, x, s2, step):
     torch.nn.utils.clip_grad_norm_(params, s2.grad_clip)
     opt.step()
     ck("optimizer")
-    return ck.d, {"images": N, "caption_tokens": n_tok}
+    return ck.d, {"images": N, "caption_tokens": n_tok, "condition_tokens": condition_tokens(m, roll.texts)}
+
+
+def condition_tokens(m, texts):
+    """Tokens of the captions as the environment re-reads them (caption length sets its DiT's text tokens)."""
+    return sum(len(ids) for ids in m.tokenizer(texts, add_special_tokens=False).input_ids)
 
 
 def stage3_step(m, bb, opt, params, neg, x, s3, step, cache=None):
@@ -326,19 +307,18 @@ class CachedStage3:
 
 def cache_build_cost(m, sargs, Ks, rounds):
     """Seconds per image of stage3_grpo_gen.cache_captions (K captions of one image in one generate call) for each
-    K, in rounds that alternate the order of the Ks, each paired with the calibration timed after it.
-    -> {K: {"s_per_image", "over_calib", "vs_K1" (median of the paired ratios to the smallest K)}}."""
+    K, in rounds that alternate the order of the Ks.
+    -> {K: {"s_per_image", "vs_K1" (median of the paired ratios to the smallest K)}}."""
     x = synthetic_images(sargs, m.device)[:1]
     for K in Ks:  # warm-up
         CC.cache_captions(m, x, [0], replace(sargs, captions_per_image=K))
-    t, c = {K: [] for K in Ks}, {K: [] for K in Ks}
+    t = {K: [] for K in Ks}
     for r in range(rounds):
         for K in (Ks if r % 2 == 0 else Ks[::-1]):
             t0 = time.perf_counter()
             CC.cache_captions(m, x, [r + 1], replace(sargs, captions_per_image=K))
             t[K].append(time.perf_counter() - t0)
-            c[K].append(calibration(m.device))
-    return {K: {"s_per_image": statistics.median(t[K]), "over_calib": statistics.median(a / b for a, b in zip(t[K], c[K])),
+    return {K: {"s_per_image": statistics.median(t[K]),
                 "vs_K1": statistics.median(a / b for a, b in zip(t[K], t[Ks[0]]))} for K in Ks}
 
 
@@ -361,29 +341,6 @@ def peak_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-_CAL = {}
-
-
-def calibration(device):
-    """The fixed workload every verdict is divided by, timed in the same process between the steps (same threads):
-    150 blends gelu(e) / 2 + e / 2 of a 256 x 256 fp32 tensor and 150 steps of tanh(h @ w), h 64 x 256, w 256 x 256:
-    mid-size ops as the tiny models' (of those tried, its ratio to a step varied least under load). -> seconds."""
-    if device not in _CAL:
-        g = torch.Generator().manual_seed(0)
-        _CAL[device] = [t.to(device) for t in (torch.randn(256, 256, generator=g), torch.randn(64, 256, generator=g),
-                                               torch.randn(256, 256, generator=g) / 16)]
-    e, h, w = _CAL[device]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(150):
-        e = torch.nn.functional.gelu(e) * 0.5 + e * 0.5
-    for _ in range(150):
-        h = torch.tanh(h @ w)
-    sync()
-    return time.perf_counter() - t
-
-
 def synthetic_images(sargs, device):
     """The bench's source images: (B, 3, res, res) uniform noise, seed 0 (B = batch_size or groups)."""
     B = getattr(sargs, "batch_size", None) or sargs.groups
@@ -397,36 +354,27 @@ def measure(step_fn, setup, sargs, warmup, iters):
 
 def measure_paired(variants, setup, warmup, iters):
     """variants: [(step_fn, sargs)]. Warm-up steps, then `iters` rounds of one step of each variant, in an order that
-    alternates by round (neither always runs first), with the calibration workload timed before every step and after
-    the last: each step is paired with the mean of the two calibrations around it. -> per variant: medians of every
-    phase, of the step total, of the counters, and of step / calibration (the figure the verdicts use); the
-    per-round lists (step_s_all, calib_s_all) so that variants can be compared round by round."""
+    alternates by round (neither always runs first). -> per variant: medians of every phase, of the step total and
+    of the counters; the per-round step totals (step_s_all) so that variants can be compared round by round."""
     dev = setup[0].device
     xs = [synthetic_images(s, dev) for _, s in variants]
     for k in range(warmup):
         for (fn, s), x in zip(variants, xs):
             fn(*setup, x, s, k)
-    calibration(dev)
-    runs, cpu, cal = [[] for _ in variants], [[] for _ in variants], [[] for _ in variants]
-    last = calibration(dev)
+    runs, cpu = [[] for _ in variants], [[] for _ in variants]
     for r in range(iters):
         for v in (range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))):
             (fn, s), x = variants[v], xs[v]
             c0 = time.process_time()  # CPU seconds of this process, all threads
             runs[v].append(fn(*setup, x, s, warmup + r))
             cpu[v].append(time.process_time() - c0)
-            now = calibration(dev)
-            cal[v].append((last + now) / 2)
-            last = now
     out = []
-    for rv, cv, kv in zip(runs, cpu, cal):
+    for rv, cv in zip(runs, cpu):
         tot = [sum(d.values()) for d, _ in rv]
         med = lambda i, k: statistics.median(run[i][k] for run in rv)
-        ratios = [t / c for t, c in zip(tot, kv)]
         out.append({"step_s": statistics.median(tot), "step_s_min": min(tot), "step_s_all": tot,
-                    "step_cpu_s": statistics.median(cv), "calib_s": statistics.median(kv), "calib_s_all": kv,
-                    "step_over_calib": statistics.median(ratios), "step_over_calib_all": ratios,
-                    "phases_s": {k: med(0, k) for k in rv[0][0]}, **{k: med(1, k) for k in rv[0][1]}})
+                    "step_cpu_s": statistics.median(cv), "phases_s": {k: med(0, k) for k in rv[0][0]},
+                    **{k: med(1, k) for k in rv[0][1]}})
     return out
 
 
@@ -468,10 +416,14 @@ def sweep(stage, key, values, setup, sargs, step_fn, a):
             "verdict": verdict}
 
 
+def gen_name(stage):
+    return "generate" if stage == "stage2" else "caption+condition"
+
+
 def report(stage, r, sargs, setup, a, device):
-    """Throughput, MFU and the target into r; the phase table on stdout."""
+    """Throughput and MFU into r; the phase table on stdout."""
     N, t = r["images"], r["step_s"]
-    gen = r["phases_s"]["generate" if stage == "stage2" else "caption+condition"]
+    gen = r["phases_s"][gen_name(stage)]
     r.update(images_per_s=N / t, ms_per_image=1000 * t / N,  # captions generated per second (none with the cache)
              caption_tokens_per_s=None if "workload_note" in r else r["caption_tokens"] / gen)
     if stage == "stage2":
@@ -492,43 +444,14 @@ def report(stage, r, sargs, setup, a, device):
         print(f"{k:<24}{v:10.4f}{100 * v / sum(r['phases_s'].values()):7.1f}%")
     print(f"{'step (median of totals)':<24}{t:10.4f}   (fastest {r['step_s_min']:.4f} s, "
           f"process CPU time {r['step_cpu_s']:.3f} s)")
-    tok = "" if r["caption_tokens_per_s"] is None else f" | {r['caption_tokens_per_s']:.0f} caption tokens/s"
+    tok = "" if r["caption_tokens_per_s"] is None else (
+        f" | rollout {r['caption_tokens_per_s']:.0f} caption tokens/s ({r['caption_tokens']:.0f} per step / its "
+        f"{gen_name(stage)})")
     print(f"peak memory {r['peak_mem_mb']:.0f} MB ({r['mem_kind']}) | {r['images_per_s']:.1f} images/s, "
-          f"{r['ms_per_image']:.1f} ms/image{tok} | step / calibration {r['step_over_calib']:.2f} "
-          f"(calibration {1000 * r['calib_s']:.1f} ms)")
+          f"{r['ms_per_image']:.1f} ms/image{tok}")
     if "dit_mfu" in r:
         print(f"DiT policy pass: {r['dit_train_tflops']:.3g} TFLOP/s, MFU {100 * r['dit_mfu']:.2f}% "
               f"of {a.peak_tflops:g}")
-    verdict(stage, r, a, device)
-
-
-def verdict(stage, r, a, device, name=None):
-    """The target of `stage` (tiny, CPU, the default workload, 1 or 2 threads), calibrated: r's median step /
-    calibration ratio times CALIB_REF_S is the step on the reference machine, compared with the target set there."""
-    knobs = ("B", "groups", "G", "max_new_tokens", "sample_steps", "resolution")
-    if not (a.preset == "tiny" and device.type == "cpu" and a.threads in TARGETS
-            and all(getattr(a, k) == p.get_default(k) for k in knobs)):
-        return
-    (unit, target), peer, cref = TARGETS[a.threads][stage], PEERS[a.threads][stage], CALIB_REF_S[a.threads]
-    per = 1.0 if unit == "s/step" else 1000 / r["images"]
-    raw, ref = r["step_s"] * per, r["step_over_calib"] * cref * per
-    rs = r.get("step_over_calib_all") or [r["step_over_calib"]]  # the rounds' spread: quartiles of their ratios
-    q = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) > 1 else [rs[0]] * 3
-    band = (q[0] * cref * per, q[2] * cref * per)
-    clear = band[1] <= target or band[0] > target
-    r["target"] = {"unit": unit, "target": target, "measured": ref, "pass": ref <= target, "measured_raw": raw,
-                   "measured_iqr": band, "clear": clear, "calib_s": r["calib_s"], "calib_ref_s": cref,
-                   "machine_vs_ref": r["calib_s"] / cref,
-                   **{k: peer[k] for k in ("peer", "peer_value", "factor", "ratio_as_is", "source")}}
-    note = "" if clear else " (the target lies within the rounds' spread)"
-    print(f"{name or stage} target <= {target:g} {unit} = {peer['factor']:g} x {peer['peer']}'s {peer['peer_value']:g} "
-          f"on the same work: measured {ref:.3f} {unit} on the reference machine (rounds' IQR {band[0]:.3f}-"
-          f"{band[1]:.3f}; here {raw:.3f}, calibration {1000 * r['calib_s']:.1f} ms vs {1000 * cref:.1f} there) -> "
-          f"{'PASS' if ref <= target else 'MISS'}{note}")
-    if r["calib_s"] > 3 * cref:
-        print(f"  warning: the calibration took {r['calib_s'] / cref:.1f}x the reference's: the machine is loaded"
-              + ("; with 2 threads the steps then mostly measure contention (--threads 1 holds up better)"
-                 if a.threads > 1 else ""))
 
 
 def cache_summary(r, r0, build, sargs):
@@ -584,6 +507,9 @@ def main(a):
         return plan_main(a)
     if a.quick:
         a.warmup, a.iters = 1, 2
+    if a.vs:
+        a.stage = "2" if a.stage == "all" else a.stage
+        return vs_trl(a)
     if a.preset == "real":
         a.grad_ckpt = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -627,6 +553,176 @@ def main(a):
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\nwrote {a.out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# --vs trl: stage 2 next to TRL's GRPOTrainer on the same work, step for step in one process. TRL's side: its own
+# copy of the same random weights, the bench's prompt and images, B x G rows, new tokens, temperature, suppressed
+# ids (its sampling draws from the distribution the project's does), LoRA (rank, alpha, targets, init), beta, eps,
+# token-level ("dapo") loss, AdamW, lr, grad clip, fp32; its reward is the project's environment
+# (stage2_grpo_und.reconstruct on its copy, adapter off, then the backbone), as stage2_step's. TRL is an optional
+# benchmark dependency (requirements-bench.txt): imported here only.
+
+TRL_PHASES = ["generate", "condition+reconstruct", "reward", "reference", "policy fwd+bwd", "optimizer"]
+
+
+def trl_trainer(a, sargs, bb, x, device, dtype, on_step):
+    """TRL's GRPOTrainer on the bench's stage-2 work; on_step(phases of the step just ended, its counters) is called
+    at every step end (and by it the project's step runs, vs_trl). -> (trainer, the UAE whose encoder it trains).
+    TRL's step = from the Trainer's on_step_begin to on_step_end: its training step (rollout, reward, reference,
+    loss, backward), clip and optimizer; its data loader (before) and logging (after) are outside, as the
+    project's step has none."""
+    import tempfile  # here: TRL and datasets are optional benchmark dependencies, only --vs trl imports them
+    from datasets import Dataset
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    mt = load_model(a, device, dtype)
+    with torch.no_grad():
+        neg = mt.condition([M.NEGATIVE_PROMPT])  # the environment's negative: pre-stage weights (no LoRA yet)
+    G, t, cur = sargs.G, {}, {"step": 0}
+    now = time.perf_counter
+
+    def add(phase, s):
+        t[phase] = t.get(phase, 0.0) + s
+
+    def reconstruction_reward(prompts, completions, idx, **_):  # TRL's reward function: rows grouped G at a time
+        t0 = now()
+        texts = cur["texts"] = [c[0]["content"].strip() for c in completions]   # as sample_captions strips them
+        noise = S2.group_noise(mt.latent_shape(sargs.resolution, sargs.resolution), sargs.seed, cur["step"],
+                               range(len(x)), device)[torch.tensor(idx)]       # one noise per source image
+        recon = S2.reconstruct(mt, texts, noise, neg, sargs)                      # (N, 3, H, W)
+        t1 = now()
+        with torch.no_grad():
+            r = bb.similarity(x[torch.tensor(idx)].float(), recon.float()).float()  # (N,)
+        add("condition+reconstruct", t1 - t0)
+        add("reward", now() - t1)
+        return r.tolist()
+
+    def timed(fn, phase):
+        def run(*args, **kw):
+            t0 = now()
+            try:
+                return fn(*args, **kw)
+            finally:
+                add(phase(), now() - t0)
+        return run
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            t.clear()
+            t["start"] = now()
+
+        def on_step_end(self, args, state, control, **kw):
+            total = now() - t.pop("start")
+            d = {k: t.get(k, 0.0) for k in ("generate", "condition+reconstruct", "reward", "reference")}
+            d["policy fwd+bwd"] = t["training_step"] - t["prepare"]
+            d["optimizer"] = total - t["training_step"]
+            d["other"] = t["prepare"] - sum(d[k] for k in ("generate", "condition+reconstruct", "reward", "reference"))
+            cur["step"] += 1
+            on_step(d, {"caption_tokens": tr._metrics["train"]["completions/mean_length"][-1] * len(x) * G,
+                        "condition_tokens": condition_tokens(mt, cur["texts"])})
+
+    pil = [Image.fromarray((im.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()) for im in x]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": M.INSTRUCTION}]}]
+    ds = Dataset.from_dict({"prompt": [prompt] * len(x), "image": pil, "idx": list(range(len(x)))})
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=len(x) * G,
+                     num_generations=G, max_completion_length=sargs.max_new_tokens, temperature=sargs.temperature,
+                     top_p=sargs.top_p, top_k=sargs.top_k, beta=sargs.beta, epsilon=sargs.eps_low,
+                     epsilon_high=sargs.eps_high, loss_type=sargs.loss_agg, scale_rewards=sargs.scale_rewards,
+                     num_iterations=sargs.mu, learning_rate=sargs.lr, weight_decay=sargs.weight_decay,
+                     max_grad_norm=sargs.grad_clip, lr_scheduler_type="constant", optim="adamw_torch",
+                     max_steps=a.warmup + a.iters, logging_steps=a.warmup + a.iters + 1, report_to="none",
+                     use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, save_strategy="no",
+                     gradient_checkpointing=False, shuffle_dataset=False, disable_tqdm=True, seed=sargs.seed,
+                     generation_kwargs={"suppress_tokens": mt.suppress.nonzero().flatten().tolist()})
+    lora = LoraConfig(r=sargs.lora_r, lora_alpha=sargs.lora_alpha, target_modules=M.ENCODER_LORA_TARGETS,
+                      lora_dropout=0.0, init_lora_weights="gaussian")
+    tr = GRPOTrainer(model=mt.encoder, reward_funcs=[reconstruction_reward], args=cfg, train_dataset=ds,
+                     processing_class=mt.processor, peft_config=lora, callbacks=[Steps()])
+    assert M.has_lora(mt.encoder), "TRL's LoRA is not in the encoder the environment turns off"
+    assert mt.eos_id in tr.eos_token_ids, "TRL would not stop where the project's sampler stops"
+    mt.encoder.generate = timed(mt.encoder.generate, lambda: "generate")          # what TRL's rollout calls
+    tr._prepare_inputs = timed(tr._prepare_inputs, lambda: "prepare")             # rollout + scoring, all of it
+    tr.training_step = timed(tr.training_step, lambda: "training_step")
+    tr._get_per_token_logps_and_entropies = timed(  # no grad: the reference pass; with grad: inside the policy pass
+        tr._get_per_token_logps_and_entropies, lambda: "policy" if torch.is_grad_enabled() else "reference")
+    return tr, mt
+
+
+def vs_trl(a):
+    """Stage 2 and TRL's GRPOTrainer, one step each per round, their order alternating by round (TRL first in even
+    rounds), after --warmup steps of each; per round the ratio project / TRL. Prints the paired ratios' median
+    [min-max], each side's median phases, and the load average before and after. -> the JSON dict."""
+    try:
+        import trl  # an optional benchmark dependency (requirements-bench.txt): only this mode needs it
+    except ImportError:
+        sys.exit("bench.py --vs trl needs TRL, an optional benchmark dependency: in a virtual environment of its own, "
+                 "pip install -r requirements.txt -r requirements-bench.txt")
+    if a.preset == "real" or a.stage != "2":
+        sys.exit("--vs trl compares stage 2 on CPU: use --preset tiny or small with --stage 2 (its default here)")
+    device, dtype = torch.device("cpu"), torch.float32
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()
+    setup, sargs = setup_stage("stage2", a, device, dtype)
+    x = synthetic_images(sargs, device)
+    rows, k = [], {"project": 0, "trl": 0}   # rows[r] = {"trl": (phases, counters), "project": (phases, counters)}
+
+    def project_step():
+        k["project"] += 1
+        return stage2_step(*setup, x, sargs, k["project"])
+
+    def on_step(*trl):  # TRL's step just ended; the round r it belongs to (< 0: warm-up) sets what runs now
+        r, k["trl"] = k["trl"] - a.warmup, k["trl"] + 1
+        if r < 0:
+            project_step()
+        elif r % 2 == 0:   # even rounds: TRL, then the project; odd rounds: the project, then TRL
+            rows.append({"trl": trl, "project": project_step()})
+            if r + 1 < a.iters:
+                rows.append({"project": project_step()})
+        else:
+            rows[-1]["trl"] = trl
+
+    tr, _ = trl_trainer(a, sargs, setup[1], x, device, dtype, on_step)
+    tr.train()
+    load1 = os.getloadavg()
+    tot = lambda side: [sum(r[side][0].values()) for r in rows]
+    ratios = [p_ / t_ for p_, t_ in zip(tot("project"), tot("trl"))]
+    med = lambda side, ph: statistics.median(r[side][0].get(ph, 0.0) for r in rows)
+    tokens = lambda side, k="caption_tokens": statistics.median(r[side][1][k] for r in rows)
+    out = {"preset": a.preset, "threads": torch.get_num_threads(), "rounds": len(rows), "warmup": a.warmup,
+           "trl": trl.__version__, "torch": torch.__version__, "load_avg_before": load0, "load_avg_after": load1,
+           "workload": f"B {sargs.batch_size} x G {sargs.G}, {sargs.max_new_tokens} new tokens, cfg {sargs.cfg}, "
+                       f"{sargs.sample_steps} Euler steps, LoRA r {sargs.lora_r} on every LM linear, beta "
+                       f"{sargs.beta}, {sargs.resolution} px, {sargs.dtype}",
+           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+           "ratios": ratios, "project_step_s": tot("project"), "trl_step_s": tot("trl"),
+           "project_phases_s": {ph: med("project", ph) for ph in rows[0]["project"][0]},
+           "trl_phases_s": {ph: med("trl", ph) for ph in rows[0]["trl"][0]},
+           "caption_tokens": {"project": tokens("project"), "trl": tokens("trl")},
+           "condition_tokens": {side: tokens(side, "condition_tokens") for side in ("project", "trl")}}
+    print(f"\nstage 2 vs TRL {trl.__version__} GRPOTrainer ({a.preset}, cpu, {out['threads']} thread(s)): "
+          f"{out['workload']}\n{len(rows)} alternating rounds after {a.warmup} warm-up; load average (1, 5, 15 min) "
+          f"{' '.join(f'{v:.2f}' for v in load0)} before, {' '.join(f'{v:.2f}' for v in load1)} after")
+    print(f"{'phase (median ms)':<28}{'project':>9}{'TRL':>9}")
+    for ph in TRL_PHASES + ["other"]:
+        p_, t_ = out["project_phases_s"].get(ph), out["trl_phases_s"].get(ph)
+        cell = lambda v: f"{1000 * v:9.1f}" if v is not None else f"{'-':>9}"
+        print(f"{ph:<28}{cell(p_)}{cell(t_)}")
+    ps, ts = statistics.median(out["project_step_s"]), statistics.median(out["trl_step_s"])
+    print(f"{'step (median)':<28}{1000 * ps:9.1f}{1000 * ts:9.1f}")
+    print(f"per step (median): caption tokens sampled: project {out['caption_tokens']['project']:.0f}, TRL "
+          f"{out['caption_tokens']['trl']:.0f}; as the environment re-reads them: project "
+          f"{out['condition_tokens']['project']:.0f}, TRL {out['condition_tokens']['trl']:.0f}")
+    print(f"paired ratio project / TRL per round: {' '.join(f'{v:.3f}' for v in ratios)}")
+    print(f"stage 2 = {out['ratio_median']:.3f} x TRL (median of {len(rows)} rounds) "
+          f"[{out['ratio_min']:.3f}-{out['ratio_max']:.3f}]")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {a.out}")
     return out
 
 
