@@ -116,6 +116,10 @@ class Args:
                        "caption's; the noise of every image is seeded with it, as the demo's)")
     batch_size: int = arg(4, "images per generation / scoring batch")
     batch_captions: bool = arg(False, "caption a whole batch in one generate call (faster; captions then depend on batching)")
+    captions: str = arg("", "redraw from the captions of an earlier run of this script instead of captioning (its "
+                            "out_dir: captions/<stem>.txt): a checkpoint whose encoder is that run's (stage 3 freezes "
+                            "stage 2's) is then scored on the same captions and noise, so a paired difference measures "
+                            "the decoder alone")
     backbones: str = arg(",".join(BENCH), "comma list of scoring backbones (clip, longclip, dinov2, dinov3, pixel)")
     clip_path: str = arg("", "CLIP checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
     longclip_path: str = arg("", "LongCLIP-L checkpoint (empty = reward.py's default, 'tiny' = random tiny)")
@@ -255,7 +259,7 @@ def write_atomic(path, write):
 
 GEN_KEYS = ("init", "preset", "encoder", "decoder", "dtype", "resolution", "temperature", "top_p", "top_k",
             "max_new_tokens", "steps", "cfg", "seed", "batch_captions", "instruction", "instruction_first",
-            "preset_sampling", "repetition_penalty")
+            "preset_sampling", "repetition_penalty", "captions")
 
 
 def check_settings(args, rank, write=True):
@@ -298,6 +302,14 @@ def generate(args, items, rank, device, dtype):
             problems.append({"file": path, "reason": str(e).replace(f"{path}: ", "", 1)})
             tqdm.write(f"warning: {e} (skipped)")
     n_reused, m = len(pairs), None
+
+    def keep(stem, path, text, im):  # caption and reconstruction (3, S, S) in [0, 1] -> files, each atomically
+        cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
+        write_atomic(cp, lambda p: Path(p).write_text(text))
+        arr = (im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        write_atomic(rp, lambda p: Image.fromarray(arr).save(p, format="PNG"))
+        captions[stem] = text
+        pairs.append((stem, path, rp))
     demo = released.Sampling.from_args(args) if args.preset_sampling == "released" else None
     if todo:
         m = runs.load_model(init=args.init or None, preset=args.preset, encoder=args.encoder or None,
@@ -314,12 +326,7 @@ def generate(args, items, rank, device, dtype):
             tqdm.write(f"warning: {e} (skipped)")
             continue
         im = demo.draw(m, text)  # (3, S, S) in [0, 1], noise seeded with args.seed
-        cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
-        write_atomic(cp, lambda p: Path(p).write_text(text))
-        arr = (im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        write_atomic(rp, lambda p: Image.fromarray(arr).save(p, format="PNG"))
-        captions[stem] = text
-        pairs.append((stem, path, rp))
+        keep(stem, path, text, im)
     for i in tqdm(range(0, len(todo) if not demo else 0, args.batch_size), desc="caption+generate",
                   disable=rank != 0 or not todo):
         batch, ims = [], []
@@ -335,7 +342,9 @@ def generate(args, items, rank, device, dtype):
         x = torch.stack(ims).to(device)  # (B, 3, S, S)
         kw = dict(G=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                   instruction=model.instruction_text(args.instruction), instruction_first=args.instruction_first)
-        if args.batch_captions:
+        if args.captions:  # another run's captions (--captions)
+            texts = [Path(args.captions, "captions", stem + ".txt").read_text() for stem, _ in batch]
+        elif args.batch_captions:
             torch.manual_seed(image_seed(batch[0][0], args.seed))
             texts = m.sample_captions(x, **kw).texts
         else:  # one image at a time, seeded by its name (departure 3)
@@ -348,12 +357,7 @@ def generate(args, items, rank, device, dtype):
                              for s, _ in batch]).to(device)  # (B, C, h, w), per-image seed
         recon = m.generate_images(texts, noise=noise, steps=args.steps, cfg=args.cfg)  # (B, 3, S, S) in [0, 1]
         for (stem, path), text, im in zip(batch, texts, recon):
-            cp, rp = os.path.join(cap_dir, stem + ".txt"), os.path.join(rec_dir, stem + ".png")
-            write_atomic(cp, lambda p: Path(p).write_text(text))
-            arr = (im.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            write_atomic(rp, lambda p: Image.fromarray(arr).save(p, format="PNG"))
-            captions[stem] = text
-            pairs.append((stem, path, rp))
+            keep(stem, path, text, im)
     if m is not None:
         del m
         gc.collect()
@@ -381,21 +385,9 @@ def validate(args, given=()):
         raise runs.UsageError(f"--src {args.src!r} is not a folder of source images")
     if args.score_only and (not args.recon or not os.path.isdir(args.recon)):
         raise runs.UsageError(f"--score_only needs --recon, a folder of reconstructions (got {args.recon!r})")
-    runs.at_least(args, 1, "max_pixels", "batch_size", "steps", "max_new_tokens")
-    runs.at_least(args, 0, "temperature", "resolution")
+    runs.check_sampling(args)
+    runs.at_least(args, 1, "batch_size")
     runs.above(args, 0, "dist_timeout")
-    if args.top_k is not None:  # None (--preset_sampling released): the release's generation config decides
-        runs.at_least(args, 0, "top_k")
-    if args.top_p is not None:
-        runs.above(args, 0, "top_p")
-        runs.need(args.top_p <= 1, f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.repetition_penalty is not None:
-        runs.above(args, 0, "repetition_penalty")
-    runs.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be 0 (the decoder's own) or a positive "
-                                         "multiple of 16 (VAE factor 8 x DiT patch 2)")
-    runs.finite(args, "cfg")
-    runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
-    runs.one_of(args, "preset", ("tiny", "real"))
     runs.need(not (set(names) - set(reward.BACKBONES)) and names,
               f"--backbones {args.backbones!r}: choose from {', '.join(reward.BACKBONES)}")
     for b in names:  # where each backbone's weights are, found now: not after hours of generation
@@ -408,6 +400,11 @@ def validate(args, given=()):
             runs.check_init(args.init)
         for flag in ("encoder", "decoder"):
             runs.check_local(flag, getattr(args, flag))
+    if args.captions and not args.score_only:  # every source image has its caption there, found now
+        missing = [s for s in list_images(args.src)[0]
+                   if not os.path.isfile(os.path.join(args.captions, "captions", s + ".txt"))]
+        runs.need(not missing, f"--captions {args.captions}: no captions/<stem>.txt for {len(missing)} source "
+                               f"image(s), e.g. {missing[:3]}")
     runs.check_own_folder("out_dir", args.out_dir, TOOL, WRITES)
     if not args.score_only:
         check_settings(args, rank=0, write=False)

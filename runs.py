@@ -141,6 +141,25 @@ def one_of(args, flag, choices):
     need(v in choices, f"--{flag} {v!r}: must be one of {' | '.join(map(str, choices))}")
 
 
+def check_sampling(args):
+    """The captioning and drawing flags eval_unified.py and sample.py share: temperature, top-k / top-p /
+    repetition penalty where set (None: the release's generation config decides), resolution, CFG, dtype, preset."""
+    at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
+    at_least(args, 0, "temperature", "resolution")
+    if args.top_k is not None:
+        at_least(args, 0, "top_k")
+    if args.top_p is not None:
+        above(args, 0, "top_p")
+        need(args.top_p <= 1, f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.repetition_penalty is not None:
+        above(args, 0, "repetition_penalty")
+    need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be 0 (the decoder's own) or a positive "
+                                    "multiple of 16 (VAE factor 8 x DiT patch 2)")
+    finite(args, "cfg")
+    one_of(args, "dtype", ("auto", "fp32", "bf16"))
+    one_of(args, "preset", ("tiny", "real"))
+
+
 def check_local(flag, p, kind="folder"):
     """A local path (absolute, ./, ~) must exist; a hub id (org/name) is left to the loader."""
     if p and p.startswith(("/", ".", "~")):

@@ -126,20 +126,7 @@ def main(argv=None):
         raise runs.UsageError(f"{ns.command} needs --image")
     if ns.command == "generate" and not args.prompt:
         raise runs.UsageError("generate needs --prompt")
-    runs.at_least(args, 1, "max_pixels", "steps", "max_new_tokens")
-    runs.at_least(args, 0, "temperature", "resolution")
-    if args.top_k is not None:  # None: off, or under the preset the release's generation config decides
-        runs.at_least(args, 0, "top_k")
-    if args.top_p is not None:
-        runs.above(args, 0, "top_p")
-        runs.need(args.top_p <= 1, f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.repetition_penalty is not None:
-        runs.above(args, 0, "repetition_penalty")
-    runs.need(args.resolution % 16 == 0, f"--resolution {args.resolution}: must be 0 (the decoder's own) or a positive "
-                                         "multiple of 16 (VAE factor 8 x DiT patch 2)")
-    runs.finite(args, "cfg")
-    runs.one_of(args, "dtype", ("auto", "fp32", "bf16"))
-    runs.one_of(args, "preset", ("tiny", "real"))
+    runs.check_sampling(args)
     images.MAX_PIXELS = args.max_pixels
     if ns.command in ("caption", "reconstruct"):
         images.check_image(args.image)  # a FIFO, a non-image or an oversized file: refused before any model loads

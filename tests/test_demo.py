@@ -20,8 +20,7 @@ def demo(*args):
     return r
 
 
-CHECKS = {"stage2_caption_length_rises", "stage2_reward_rises", "stage3_eval_rises", "heldout_stage3_above_stage2",
-          "heldout_last_above_stage1"}
+CHECKS = {"stage2_names_background", "stage2_words_rise", "stage2_heldout_rises", "stage3_heldout_rises", "end_above_stage1"}
 
 
 @pytest.mark.slow
@@ -36,13 +35,16 @@ def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
         assert 0 < b["clip"]["mean"] <= 100 and b["clip"]["n"] == 4, k
     assert [d["step"] for d in rep["stage2"]["eval"]] == [0, 1, 2] and [d["step"] for d in rep["stage3"]["eval"]] == [0, 1, 2]
     assert set(rep["checks"]) == CHECKS
-    assert all(isinstance(c["pass"], bool) and c["first"] is not None for c in rep["checks"].values())
+    assert all(isinstance(c["pass"], bool) and c["n"] == 4 and c["se"] >= 0 for c in rep["checks"].values())
+    # the bench after stage 3 redraws from the very captions of the bench after stage 2 (its part is the decoder's)
+    caps = lambda k: {f: open(out / f"bench_{k}" / "captions" / f).read() for f in os.listdir(out / f"bench_{k}" / "captions")}
+    assert caps("stage3") == caps("stage2") and len(caps("stage2")) == 4
     own = rep["bench"]["stage3"]["clip"]["mean"] - rep["bench"]["stage2"]["clip"]["mean"]
     assert abs(rep["stage3_own_part"] - own) < 1e-9
     assert rep["seed"] == 0 and set(rep["captions"]["stage1"]) >= {"words", "background_any", "background_any_right", "well_formed"}
     assert all(t > 0 for t in rep["times"].values())
     md = open(out / "report.md").read()
-    assert "| stage3 |" in md and "Wall time" in md and "stage 3: reward (fixed ODE eval" in md
+    assert "| stage3 |" in md and "Wall time" in md and "per-scene difference, mean ± s.e." in md
     for d in ("stage1_fm/ckpt", "stage1/ckpt", "stage2/ckpt", "stage3/ckpt", "standins/clip", "standins/encoder"):
         assert os.path.isdir(out / d), d
 
@@ -67,6 +69,14 @@ def test_quick_demo_writes_the_report_then_rounds_reuse_stage1(tmp_path):
     assert res["reward"]["background only"] < 1 and set(res["stage3"]) == {"own captions", "full captions"}
     assert set(res["stage3"]["own captions"]) == {"ODE 3 steps", "SDE 3 steps a=0.7", "SDE 3 steps a=0.7 window 1"}
     assert json.load(open(out / "probe.json"))["stage2"] == res["stage2"]
+
+    # --fresh N on the finished run (--reuse: no phase runs again): the checks on N scenes of another world
+    r = demo("--out_dir", str(out), "--reuse", "--fresh", "3")
+    fr = json.load(open(out / "fresh3" / "checks.json"))
+    assert fr["world_seed"] == 1000 and set(fr["checks"]) == CHECKS and all(c["n"] == 3 for c in fr["checks"].values())
+    assert "3 fresh held-out scenes" in r.stdout
+    scenes = lambda d: [json.loads(line)["caption"] for line in open(d / "captions.jsonl")]
+    assert len(scenes(out / "fresh3" / "val")) == 3 and scenes(out / "fresh3" / "val") != scenes(out / "shapes" / "val")[:3]
 
     # --rounds 2 --reuse in the same out_dir: the world, stand-ins and stage 1 are reused, the rounds chain
     r = demo("--out_dir", str(out), "--rounds", "2", "--reuse")
@@ -111,3 +121,23 @@ def test_a_forked_phase_runs_as_a_fresh_interpreter_would(tmp_path):
     assert "phase.py: --x must be positive" in open(tmp_path / "message.log").read()
     assert "ValueError: deep inside" in open(tmp_path / "raise.log").read()
     assert os.getcwd() == cwd0 and sys.argv == argv0  # it ran in a child: the parent is untouched
+
+
+def test_checks_are_paired_statistics():
+    """demo.paired: mean and standard error of per-scene differences, PASS when mean - 2 s.e. > 0; measure_checks:
+    a stage's part summed over its runs (rounds), the parts add up to the end minus stage 1."""
+    from tools import demo
+    c = demo.paired([1.0, 2.0, 3.0, 4.0])
+    assert c["mean"] == 2.5 and abs(c["se"] - (5 / 3 / 4) ** 0.5) < 1e-12 and c["pass"] and c["n"] == 4
+    assert not demo.paired([1.0, -1.0, 2.0, -1.5])["pass"] and not demo.paired([0.1, 0.1, 0.1, -5.0])["pass"]
+    names = ["stage1", "stage2_r1", "stage3_r1", "stage2_r2", "stage3_r2"]
+    clip = {"stage1": [0, 10], "stage2_r1": [5, 12], "stage3_r1": [6, 15], "stage2_r2": [9, 15], "stage3_r2": [12, 18]}
+    benches = {k: {"per_image": [{"name": s, "scores": {"clip": clip[k][i]}} for i, s in enumerate("ab")]} for k in names}
+    caps = {k: {"a": "a small red circle at the top left.", "b": "a large blue square in the center."} for k in names}
+    for k in names[1:]:
+        caps[k]["a"] = "a small red circle at the top left on a white background."
+    got = demo.measure_checks(names, benches, caps, ["a", "b"])
+    assert [got["stage2_heldout_rises"]["mean"], got["stage3_heldout_rises"]["mean"]] == [(5 + 3 + 2 + 0) / 2, (1 + 3 + 3 + 3) / 2]
+    assert got["end_above_stage1"]["mean"] == got["stage2_heldout_rises"]["mean"] + got["stage3_heldout_rises"]["mean"]
+    assert got["stage2_names_background"]["mean"] == 0.5 and got["stage2_words_rise"]["mean"] == 2.0
+    assert got["stage3_heldout_rises"]["before"] == (5 + 12) / 2   # the mean before stage 3's first run

@@ -187,7 +187,8 @@ def test_eval_settings_and_sampling_flags(data, tmp_path, no_load):
                        (["--resolution", "20"], "--resolution 20: must be 0"), (["--top_p", "0"], "--top_p 0"),
                        (["--temperature", "-1"], "--temperature -1"), (["--cfg", "nan"], "--cfg nan"),
                        (["--dtype", "fp16"], "--dtype 'fp16'"), (["--preset_sampling", "demo"], "--preset_sampling"),
-                       (["--dist_timeout", "0"], "--dist_timeout 0"), (["--encoder", "/no/such"], "--encoder /no/such")):
+                       (["--dist_timeout", "0"], "--dist_timeout 0"), (["--encoder", "/no/such"], "--encoder /no/such"),
+                       (["--captions", str(tmp_path)], "no captions/<stem>.txt for 4 source image(s)")):
         refused(ev.main, base + flags, msg)
     for flags, msg in ((["--resolution", "-16"], "--resolution -16"), (["--top_p", "2"], "--top_p 2"),
                        (["--preset_sampling", "demo"], "--preset_sampling")):

@@ -17,6 +17,7 @@ import images
 import model as M
 import caption_cache as CC
 import stage3_grpo_gen as S
+from test_stage2 import lora_disagreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 32 px, 4 sampling steps, short captions, no eval / pictures unless asked
@@ -338,7 +339,8 @@ def test_two_ranks_equal_one_rank(data, tmp_path, ref_run):
         assert da.keys() == db.keys()
         for k in da:
             assert math.isclose(da[k], db[k], rel_tol=1e-4, abs_tol=1e-6), (da["step"], k, da[k], db[k])
-    la, lb = lora_of(ref_run), lora_of(out)
-    assert la.keys() == lb.keys()
-    for k in la:
-        assert torch.allclose(la[k], lb[k], rtol=1e-3, atol=1e-4), k   # Adam amplifies float noise a little
+    # AdamW moves a coordinate by ~lr whatever its gradient's size: one whose gradient is within float noise of 0
+    # can move the other way (test_stage2.assert_two_ranks_equal_one), and the runs' later samples then differ a
+    # little; a missing rank's gradient moves most coordinates differently
+    off, n = lora_disagreement(lora_of(ref_run), lora_of(out))
+    assert off <= 0.05 * n, f"{off} of {n} LoRA coordinates differ by more than 1e-5"

@@ -10,11 +10,11 @@ It runs the real scripts, unchanged, each in a process of its own (stages with -
 last one). On Linux that process is a fork of this one, which has imported torch, transformers, diffusers and
 open_clip once, not once a phase (4-8 s each on 2 cores; the same weights, bit for bit: tests/test_demo.py);
 --spawn starts a new python for each:
-  data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / held-out val)
-  data/shapes/standins.py     stand-ins for what a real user downloads, trained here in ~2.5-3.5 minutes: a
+  data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / 256 held-out)
+  data/shapes/standins.py     stand-ins for what a real user downloads, trained here (about half the demo): a
                               tiny CLIP (the semantic reward), a tiny VAE, a tiny captioner fine-tuned on
                               *terse* captions (it starts under-describing, as the paper's does)
-  stage1_coldstart.py         fm (the DiT learns to read the LVLM, full captions), then sem (cold start)
+  stage1_coldstart.py         fm (the DiT learns to read the LVLM, full captions), then fm+sem (cold start)
   stage2_grpo_und.py          GRPO on the captioner          -> captions should grow, reward rise
   stage3_grpo_gen.py          Flow-GRPO on the decoder       -> reconstructions more faithful
   eval_unified.py             held-out Unified-Bench-style score after every stage
@@ -27,30 +27,34 @@ one before and --step_offset so that round k draws the batches the sequential ru
 benches and report go to <out_dir>/rounds<K>/. --reuse skips the phases already done by the same command
 (a .demo_done file in each phase's folder), so a rounds run after a plain one trains no stand-ins again.
 
-The checks (report.md, "What it shows"; report.json "checks"):
-  1. over stage 2, words per caption rise     (fixed held-out eval: same images, seeds, noise; first -> last)
-  2. over stage 2, the reward rises           (the same eval)
-  3. over stage 3, its fixed ODE eval rises   (the 32 held-out images, one caption and noise each, not the
-                                               bench's; with rounds: the mean of each round's start and end)
-  4. held-out tiny-CLIP score after stage 3 > after stage 2: stage 3's own part (with rounds: the mean of each
-     round's before and after)
-  5. held-out tiny-CLIP score at the end > after stage 1   (eval_unified on the val split)
-The training-batch rewards are plotted too, but they mostly show which images were drawn that step.
+The checks (report.md, "What it shows"; report.json "checks"), each a paired statistic over the held-out scenes
+(256; the same image, caption seed and initial noise before and after; the bench after stage 3 redraws from the very
+captions of the bench after stage 2, so its difference is the decoder's alone): the per-scene difference's mean
+± standard error, PASS when mean - 2 s.e. > 0 (docs/demo.md):
+  1. over stage 2, captions name the background more often     (the aha moment)
+  2. over stage 2, words per caption rise
+  3. over stage 2, the held-out tiny-CLIP score rises             (the captioner's part)
+  4. over stage 3, the held-out tiny-CLIP score rises             (the decoder's part)
+  5. at the end the held-out tiny-CLIP score is above stage 1's
+(with rounds: a stage's part is the sum of its rounds' parts). The stage 2 / stage 3 fixed evals and the
+training-batch rewards are plotted, not checked: the first two see 16 and 32 images, the last mostly shows which
+images were drawn that step. --fresh N measures the checks again on N scenes of another world.
 
-What had to change in the world for the effect to show (each measured; see data/shapes/standins.py):
-  - The tiny CLIP scores mostly the background (it fills the picture), and terse captions name it ~20% of
-    the time: the reward for saying more is mostly the reward for naming the background. That is the aha
-    moment here: the captioner learns to say "on a blue background".
+What had to change in the world for the effect to show (each measured; docs/demo.md, data/shapes/standins.py):
+  - The tiny CLIP scores mostly the background (it fills the picture), and terse captions name it about a third of
+    the time: the reward for saying more is mostly the reward for naming the background. That is the aha moment
+    here: the captioner learns to say "on a blue background".
   - The decoder is a 4 x 128 DiT trained in full (--dit_full), not build_tiny's 2 x 32 one with LoRA, whose
     flow-matching loss stalls near the unconditional one.
   - The stand-in LVLM also learns a text-only task (restate the caption, background first) so that its
-    hidden states carry what the caption says; without it the DiT never read the caption (loss with a
-    shuffled caption equal to 0.1% after 800 steps).
+    hidden states carry what the caption says; without it the DiT never read the caption.
+  - Stage 1's cold start is fm+sem: sem alone, on the captioner's terse captions, teaches the decoder to guess the
+    background they leave out, and naming it then hardly pays (docs/demo.md).
   - CFG 1 everywhere: stage 1's flow matching never sees the negative prompt, so guidance against it only
     adds noise at this scale.
-  - Stage 3 samples with noise on its first 3 of 8 steps only (--sde_window 3), 8 images a caption: with noise
-    on all of them it learnt what only the noisy SDE samples reward, and its ODE images (the eval's, the
-    benchmark's) got little better or worse (README, "Stage 3 in the shapes world"; data/shapes/probe.py).
+  - Stage 3 samples with noise on its first 3 of 8 steps only (--sde_window 3), 8 images a caption, 4 captions a
+    step: with noise on all of them it learnt what only the noisy SDE samples reward, and its ODE images (the
+    eval's, the benchmark's) got little better or worse (docs/demo.md, "Stage 3 in the shapes world"; probe.py).
 """
 import argparse
 import atexit
@@ -71,7 +75,7 @@ BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
 
 # step counts: (full run, --quick)
 PLAN = {
-    "n_train": (2000, 64), "n_val": (32, 4), "eval_every": (5, 1),
+    "n_train": (2000, 64), "n_val": (256, 4), "eval_every": (10, 1),
     "fm_steps": (800, 4), "sem_steps": (20, 2), "s2_steps": (30, 2), "s3_steps": (30, 2),
 }
 
@@ -145,7 +149,7 @@ class Runner:
     that does run: every phase after it runs too (its inputs changed)."""
 
     def __init__(self, log, reuse, fork):
-        self.log, self.reuse, self.fork, self.times, self.reused = log, reuse, fork, {}, []
+        self.log, self.reuse, self.fork, self.times, self.cpu, self.reused = log, reuse, fork, {}, {}, []
 
     def __call__(self, cmd, name, folder, fresh=False):
         """fresh: the folder is emptied first (a benchmark resumes what its folder holds: a bench of a retrained
@@ -160,7 +164,7 @@ class Runner:
             os.remove(done)
         if fresh and os.path.isdir(folder):
             shutil.rmtree(folder)
-        t0 = time.time()
+        t0, c0 = time.time(), os.times()
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         with open(self.log, "a") as f:
             f.write(f"\n=== {name}: {' '.join(cmd)}\n")
@@ -170,7 +174,8 @@ class Runner:
             else:
                 rc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                     env={**os.environ, **ENV}).returncode
-        self.times[name] = time.time() - t0
+        self.times[name], c = time.time() - t0, os.times()
+        self.cpu[name] = c.children_user + c.children_system - c0.children_user - c0.children_system  # all threads
         if rc != 0:
             tail = open(self.log).read()[-3000:]
             sys.exit(f"{name} failed (exit {rc}); the end of {self.log}:\n{tail}")
@@ -217,6 +222,9 @@ def main(argv=None):
         "run each phase as a new python process (default on Linux: a fork of this one, which has imported torch, "
         "transformers, diffusers and open_clip once; the same scripts and results, 4-8 s less start-up a phase on 2 cores)"))
     p.error = lambda message: user_error(f"{message} (see --help)")
+    p.add_argument("--fresh", type=int, default=0, metavar="N", help=(
+        "then measure the checks again on N fresh held-out scenes of another world (seed + 1000), every checkpoint "
+        "benched on them (with --reuse on a finished run: only that) -> <out_dir>/fresh<N>/checks.json"))
     a = p.parse_args(argv)
     q = int(a.quick)
     n = {k: v[q] for k, v in PLAN.items()}
@@ -245,11 +253,14 @@ def main(argv=None):
     run(["stage1_coldstart.py", *base, "--resolution", "64", "--data", train, "--objective", "fm", "--steps", str(n["fm_steps"]),
          "--dit_full", "true", "--batch_size", "16", "--lr", "2e-3", "--sample_every", "0", "--save_every", "100000",
          "--out_dir", f"{out}/stage1_fm", "--overwrite", *seed], "stage1 fm", f"{out}/stage1_fm")
-    run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--resolution", "64", "--data", train, "--objective", "sem", *reward,
+    run(["stage1_coldstart.py", "--init", f"{out}/stage1_fm", "--resolution", "64", "--data", train, "--objective", "fm+sem", *reward,
          "--steps", str(n["sem_steps"]), "--batch_size", "8", "--max_new_tokens", "40", "--lr", "3e-4", "--sample_every", "0",
          "--save_every", "100000", "--out_dir", f"{out}/stage1", "--overwrite", *seed], "stage1 sem", f"{out}/stage1")
-    bench = ["--src", val, "--steps", "10", "--cfg", "1.0", "--max_new_tokens", "40", "--temperature", "0.7",
-             "--backbones", "clip,pixel", "--clip_path", f"{S}/clip", "--batch_size", "8", *seed]
+    def bench_args(src, bench_seed):  # Unified-Bench-style: caption (T 0.7, one a scene), redraw (ODE, 10 steps)
+        return ["--src", src, "--steps", "10", "--cfg", "1.0", "--max_new_tokens", "40", "--temperature", "0.7",
+                "--backbones", "clip,pixel", "--clip_path", f"{S}/clip", "--batch_size", "64", "--batch_captions",
+                "--seed", str(bench_seed)]
+    bench = bench_args(val, a.seed)
     run(["eval_unified.py", "--init", f"{out}/stage1", "--out_dir", f"{out}/bench_stage1", *bench], "bench after 1",
         f"{out}/bench_stage1", fresh=True)
     s2, s3, prev = n["s2_steps"] // K, n["s3_steps"] // K, f"{out}/stage1"
@@ -264,15 +275,49 @@ def main(argv=None):
             f"{rep}/bench_{d2}", fresh=True)
         off = ["--step_offset", str((k - 1) * s3)]
         run(["stage3_grpo_gen.py", "--init", f"{rep}/{d2}", "--resolution", "64", "--data", train, *reward, "--steps", str(s3),
-             "--G", "8", "--groups", "2", "--sample_steps", "8", "--eval_steps", "10", "--cfg", "1.0", "--max_new_tokens", "40",
+             "--G", "8", "--groups", "4", "--sample_steps", "8", "--eval_steps", "10", "--cfg", "1.0", "--max_new_tokens", "40",
              "--lr", "1e-3", "--sample_every", "10", "--save_every", "100000", "--out_dir", f"{rep}/{d3}", "--overwrite", *seed,
              *off, "--eval_every", str(n["eval_every"]), "--eval_data", val, "--eval_images", "32", "--sde_window", "3",
              "--captions_per_image", "0"], label(d3), f"{rep}/{d3}")  # a visit per image: a caption cache would not pay
-        run(["eval_unified.py", "--init", f"{rep}/{d3}", "--out_dir", f"{rep}/bench_{d3}", *bench], f"bench after {label(d3)}",
-            f"{rep}/bench_{d3}", fresh=True)
+        run(["eval_unified.py", "--init", f"{rep}/{d3}", "--out_dir", f"{rep}/bench_{d3}", *bench, "--captions",
+             f"{rep}/bench_{d2}"], f"bench after {label(d3)}", f"{rep}/bench_{d3}", fresh=True)  # stage 2's captions
         prev = f"{rep}/{d3}"
     times = dict(run.times, total=time.time() - t_start)
-    report(out, rep, val, times, a.seed, K, run.reused)
+    cpu = dict(run.cpu, total=sum(run.cpu.values()))
+    if a.fresh:  # before the report: a phase forked after this process ran torch ops (the report's) can hang
+        fresh(run, out, rep, K, a.fresh, a.seed, bench_args)
+    report(out, rep, val, times, a.seed, K, run.reused, cpu)
+
+
+FRESH_WORLD = 1000  # --fresh: the scenes' world seed (and the benches' seed) is the demo's seed + this
+
+
+def fresh(run, out, rep, K, n, seed, bench_args):
+    """The checks measured again on n fresh held-out scenes of another world (prepare.py with seed + FRESH_WORLD;
+    the benches seeded with it too): every checkpoint benched on them, stage 3 on its stage 2's captions, as in the
+    report. -> <rep>/fresh<n>/checks.json, printed."""
+    world = seed + FRESH_WORLD
+    d = os.path.join(out, f"fresh{n}")
+    run(["data/shapes/prepare.py", "--out", d, "--n_train", "0", "--n_val", str(n), "--seed", str(world - 1)],
+        f"fresh scenes ({n})", os.path.join(d, "val"))  # prepare.py writes val with its seed + 1
+    src, names = os.path.join(d, "val"), ["stage1"] + [x for r in phases(K) for x in r]
+    folder = {k: (out if k == "stage1" else rep) for k in names}
+    where = {k: os.path.join(d if k == "stage1" else os.path.join(rep, f"fresh{n}"), f"bench_{k}") for k in names}
+    for p, k in zip([None] + names, names):
+        extra = ["--captions", where[p]] if k.startswith("stage3") else []
+        run(["eval_unified.py", "--init", f"{folder[k]}/{k}", "--out_dir", where[k], *bench_args(src, world), *extra],
+            f"fresh bench after {label(k)}", where[k], fresh=True)
+    benches = {k: json.load(open(f"{where[k]}/unified_bench.json")) for k in names}
+    stems = sorted(r["name"] for r in benches[names[-1]]["per_image"])
+    caps = {k: {r["name"]: r["caption"] for r in benches[k]["per_image"]} for k in names}
+    checks = measure_checks(names, benches, caps, stems)
+    json.dump({"seed": seed, "world_seed": world, "n": n, "rounds": K, "checks": checks},
+              open(os.path.join(rep, f"fresh{n}", "checks.json"), "w"), indent=1)
+    print(f"\n{n} fresh held-out scenes (world seed {world}): per-scene difference, mean ± s.e.")
+    for k, c in checks.items():
+        dg = CHECKS[k][2]
+        print(f"  {CHECKS[k][0]}: {c['before']:.{dg}f} -> {c['after']:.{dg}f}, {c['mean']:+.{dg}f} ± {c['se']:.{dg}f} "
+              f"{'PASS' if c['pass'] else 'FAIL'}")
 
 
 def phases(K):
@@ -290,7 +335,52 @@ def smooth(v, k=5):
     return [sum(v[max(0, i - k + 1):i + 1]) / len(v[max(0, i - k + 1):i + 1]) for i in range(len(v))]
 
 
-def report(out, rep, val, times, seed=0, K=1, reused=()):
+# The checks: (label, what is compared per scene, digits). "before" / "after": the means over the scenes at the start
+# and the end of what the check measures.
+CHECKS = {
+    "stage2_names_background": ("stage 2: captions that name the background (the aha moment), fraction", "background", 2),
+    "stage2_words_rise": ("stage 2: words per caption", "words", 2),
+    "stage2_heldout_rises": ("stage 2: held-out tiny-CLIP x100 (the captioner's part)", "clip", 2),
+    "stage3_heldout_rises": ("stage 3: held-out tiny-CLIP x100, the same captions and noise (the decoder's part)",
+                             "clip", 2),
+    "end_above_stage1": ("held-out tiny-CLIP x100, after stage 1 -> at the end", "clip", 2),
+}
+
+
+def paired(diffs):
+    """Per-scene differences -> mean, standard error (sample std / sqrt n), n and the verdict: PASS when
+    mean - 2 s.e. > 0 (the difference is positive beyond what the draw of the scenes explains)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else float("inf")
+    return {"mean": mean, "se": se, "n": n, "pass": bool(mean - 2 * se > 0)}
+
+
+def measure_checks(names, benches, caps, stems):
+    """names: the benched checkpoints in order (stage1, then each round's stage 2 and stage 3). Per scene: its
+    tiny-CLIP score, its caption's words, whether the caption names a background. A stage's part is the sum over
+    its runs of (after it - before it); the parts add up to the end minus stage 1. -> {check: paired() + before
+    (the mean before the stage's first run), after (before + the mean part)}."""
+    score = {k: {r["name"]: r["scores"]["clip"] for r in benches[k]["per_image"]} for k in names}
+    value = {"clip": lambda k, s: score[k][s], "words": lambda k, s: len(caps[k][s].split()),
+             "background": lambda k, s: float(BACKGROUND.search(caps[k][s]) is not None)}
+    def part(stage, what, s):
+        return sum(value[what](k, s) - value[what](p, s) for p, k in zip(names, names[1:]) if k.startswith(stage))
+    out = {}
+    for key, (_, what, _) in CHECKS.items():
+        if key == "end_above_stage1":
+            d = [value[what](names[-1], s) - value[what](names[0], s) for s in stems]
+        else:
+            d = [part(key[:6], what, s) for s in stems]
+        start = names[0] if key == "end_above_stage1" else next(p for p, k in zip(names, names[1:]) if k.startswith(key[:6]))
+        c = paired(d)
+        c["before"] = sum(value[what](start, s) for s in stems) / len(stems)  # before the stage's first run
+        c["after"] = c["before"] + c["mean"]
+        out[key] = c
+    return out
+
+
+def report(out, rep, val, times, seed=0, K=1, reused=(), cpu=None):
     """rep/report_curves.png, report_grid.png, report_stage3.png (pictures), report.md (checks, tables, times),
     report.json (the numbers). out: the run (shapes, stand-ins, stage 1); rep: this schedule's folder."""
     import matplotlib
@@ -375,35 +465,21 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
         "held-out sources", "before stage 3 (after stage 2), tiny-CLIP x100: " + " ".join(f"{b2[s]:.0f}" for s in show),
         "after stage 3, the same captions and noise: " + " ".join(f"{b3[s]:.0f}" for s in show)], size=96)
 
-    # the effect the demo is about, measured
-    firsts2, lasts2 = (e2[0][0], e2[-1][-1]) if e2[0] and e2[-1] else ({}, {})
-    e3_ok = all(ev for ev in e3)
-    own3 = sum(clip[d3] - clip[d2] for d2, d3 in rounds)  # held-out points stage 3 adds, over the rounds
-    checks = {
-        "stage2_caption_length_rises": {"first": firsts2.get("eval/words_mean"), "last": lasts2.get("eval/words_mean")},
-        "stage2_reward_rises": {"first": firsts2.get("eval/reward"), "last": lasts2.get("eval/reward")},
-        "stage3_eval_rises": {"first": sum(ev[0]["eval/reward"] for ev in e3) / K if e3_ok else None,
-                              "last": sum(ev[-1]["eval/reward"] for ev in e3) / K if e3_ok else None},
-        "heldout_stage3_above_stage2": {"first": sum(clip[d2] for d2, _ in rounds) / K, "last": sum(clip[d3] for _, d3 in rounds) / K},
-        "heldout_last_above_stage1": {"first": clip["stage1"], "last": clip[last3]},
-    }
-    for c in checks.values():
-        c["pass"] = c["first"] is not None and c["last"] is not None and c["last"] > c["first"]
-    fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"
-    mean_r = " (mean over rounds)" if K > 1 else ""
-    rows = {"stage2_caption_length_rises": ("stage 2: words per caption (fixed held-out eval, first -> last step)", 1),
-            "stage2_reward_rises": ("stage 2: reward (fixed held-out eval, first -> last step)", 3),
-            "stage3_eval_rises": (f"stage 3: reward (fixed ODE eval, step 0 -> last){mean_r}", 3),
-            "heldout_stage3_above_stage2": ("held-out tiny-CLIP x100, after stage 2 -> after stage 3: stage 3's own part"
-                                            + mean_r, 2),
-            "heldout_last_above_stage1": ("held-out tiny-CLIP x100, after stage 1 -> at the end", 2)}
+    # the effect the demo is about, measured: per held-out image, paired (the same image, caption seed and noise)
+    checks = measure_checks(names, benches, caps, stems)
+    own3 = checks["stage3_heldout_rises"]["mean"]  # held-out points stage 3 adds, over the rounds
     sched = "stage 2 then stage 3" if K == 1 else f"{K} rounds of (stage 2, stage 3), each 1/{K} of the steps"
     L = ["# UAE shapes-world demo", "", f"Seed {seed}. Schedule: {sched}. Total wall time: {times['total']:.0f} s"
          + (f" (reused from an earlier run: {', '.join(reused)})" if reused else "") + ". Every command and its output: "
          "demo.log.", "",
-         "## What it shows", "", "| check | before | after | |", "|---|---|---|---|"]
-    L += [f"| {label_} | {fmt(checks[k]['first'], d)} | {fmt(checks[k]['last'], d)} | {'PASS' if checks[k]['pass'] else 'FAIL'} |"
-          for k, (label_, d) in rows.items()]
+         "## What it shows", "",
+         f"Each check is a paired statistic over the {len(stems)} held-out scenes: the per-scene difference (same image, "
+         "same caption seed, same initial noise; after stage 3 the very captions of the stage 2 before it), its mean "
+         "± standard error, PASS when mean - 2 s.e. > 0." + (" Over rounds: the sum of each round's part." if K > 1 else ""),
+         "", "| check | before | after | per-scene difference, mean ± s.e. | |", "|---|---|---|---|---|"]
+    L += [f"| {CHECKS[k][0]} | {c['before']:.{CHECKS[k][2]}f} | {c['after']:.{CHECKS[k][2]}f} | "
+          f"{c['mean']:+.{CHECKS[k][2]}f} ± {c['se']:.{CHECKS[k][2]}f} | {'PASS' if c['pass'] else 'FAIL'} |"
+          for k, c in checks.items()]
     L += ["", "![curves](report_curves.png)", "",
           "Stage 3 on its own: held-out sources, their redraws before and after stage 3 (the same captions and noise; "
           "tiny-CLIP x100 per image):", "", "![stage 3](report_stage3.png)", "",
@@ -422,9 +498,14 @@ def report(out, rep, val, times, seed=0, K=1, reused=()):
           "Captions are sampled at temperature 0.7 and read against the scene's ground truth: the background columns "
           "count every caption that says 'on a <colour> background'; well-formed: parses as the world's grammar; "
           "*: per well-formed caption.)"]
-    L += ["", "## Wall time per phase", "", "| phase | s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    cpu = cpu or {}
+    L += ["", "## Wall time per phase", "", "CPU s: the phase's processes' user + system time, all threads (on a machine "
+          "shared with other work the wall time grows, the CPU time much less). Load average at the end: "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + ".", "", "| phase | s | CPU s |", "|---|---|---|"]
+    L += [f"| {k} | {v:.1f} | {cpu[k]:.1f} |" if k in cpu else f"| {k} | {v:.1f} | |" for k, v in times.items()]
     open(f"{rep}/report.md", "w").write("\n".join(L) + "\n")
-    summary = {"seed": seed, "rounds": K, "times": times, "reused": list(reused), "checks": checks,
+    summary = {"seed": seed, "rounds": K, "times": times, "cpu_times": cpu, "load": os.getloadavg(), "reused": list(reused),
+               "checks": checks,
                "bench": {k: benches[k]["backbones"] for k in names}, "stage3_own_part": own3, "captions": cstats,
                "stage2": {"eval": [x for ev in e2 for x in ev]}, "stage3": {"eval": [x for ev in e3 for x in ev]}}
     json.dump(summary, open(f"{rep}/report.json", "w"), indent=1)

@@ -57,7 +57,7 @@ def reading_order(shapes):
     return sorted(shapes, key=lambda p: POSITIONS[p["position"]][::-1])
 
 
-def terse_caption(parts, rng, p_one=0.6, p_background=0.2):
+def terse_caption(parts, rng, p_one=0.6, p_background=0.35):
     """An under-describing caption, as a captioner before RL writes: the shapes in reading order, stopping
     after the first with probability p_one (else after a uniformly drawn number of them, possibly all);
     the background with probability p_background."""

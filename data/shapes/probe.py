@@ -1,5 +1,5 @@
 """
-What stage 3 can gain in the shapes world, measured on a finished demo run (README, "Stage 3 in the shapes world"):
+What stage 3 can gain in the shapes world, measured on a finished demo run (docs/demo.md, "Stage 3 in the shapes world"):
 
     python data/shapes/probe.py --run out/demo                 # -> out/demo/probe.json + a printed table
 

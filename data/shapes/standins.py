@@ -1,6 +1,6 @@
 """
-Stand-ins for the pretrained parts a real user downloads, trained here in about 2.5 minutes on 2 CPU
-cores on the shapes world, so that the tiny demo means something (a random CLIP scores every pair ~0.999 and
+Stand-ins for the pretrained parts a real user downloads, trained here in minutes on a
+2-core CPU on the shapes world, so that the tiny demo means something (a random CLIP scores every pair ~0.999 and
 a random captioner writes noise; docs/algorithm.md §9):
 
     python data/shapes/prepare.py
@@ -28,7 +28,7 @@ writes <out>/encoder      Qwen2.5-VL captioner (save_pretrained model + processo
    positions were not learnt), trained with teacher forcing in model.UAE.caption_inputs' chat template and
    instruction, loss on the caption tokens and the final <|im_end|>: first on FULL captions in reading order
    (--cap_full_frac of the steps: three times the grounded words a step, so it learns to see), then on the
-   TERSE ones (prepare.py: the first shape in reading order, sometimes more, rarely the background). It starts
+   TERSE ones (prepare.py: the first shape in reading order, sometimes more, the background a third of the time). It starts
    out under-describing, as the paper's captioner does before RL, with some probability of saying more.
    Each step also trains a text-only task (--cap_text_batch): the caption in the decoder's own text-only
    template (UAE.encode_text), reply: the scene restated, background first (restate()). The decoder reads
@@ -36,7 +36,7 @@ writes <out>/encoder      Qwen2.5-VL captioner (save_pretrained model + processo
    this tiny one's did not (measured: a 2.3M DiT trained 800 fm steps on them ignored the caption; its loss
    with a shuffled caption was the same to 0.1%). With the task, the same DiT learns to read the caption in
    a few hundred steps.
-   What it learns in ~2 minutes: the background (~0.95 right when named), colours and size above chance;
+   What it learns in its steps: the background (~0.95 right when named), colours and size above chance;
    shape names and positions stay near chance (a longer --cap_steps helps).
 4. decoder: an untrained SD3 DiT, 4 joint blocks x 128 wide (--dit_*). build_tiny's 2 x 32 one cannot learn
    this world (its flow-matching loss stalls near the unconditional one); stage 1's fm trains this one in full.
@@ -84,14 +84,14 @@ def parse_args(argv=None):
     a("--vae_channels", default="8,16,32,32", help="block_out_channels; 4 blocks = 8x downsampling")
     a("--vae_groups", type=int, default=2, help="norm_num_groups (divides every channel count)")
     # clip
-    a("--clip_steps", type=int, default=200)
+    a("--clip_steps", type=int, default=150)
     a("--clip_batch", type=int, default=128)
     a("--clip_lr", type=float, default=2e-3)
     a("--clip_width", type=int, default=64, help="vision and text width; embed_dim too")
     a("--clip_layers", type=int, default=2, help="vision and text layers")
     a("--clip_recon", type=float, default=0.5, help="fraction of training images replaced by their VAE reconstruction")
     # captioner
-    a("--cap_steps", type=int, default=700)
+    a("--cap_steps", type=int, default=500)
     a("--cap_batch", type=int, default=16)
     a("--cap_lr", type=float, default=3e-3)
     a("--cap_full_frac", type=float, default=0.6, help="first fraction of the steps on FULL captions (in reading "
