@@ -16,11 +16,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = sorted(glob.glob(f"{ROOT}/*.py") + glob.glob(f"{ROOT}/data/shapes/*.py") + glob.glob(f"{ROOT}/tests/*.py"))
+SOURCES = sorted(glob.glob(f"{ROOT}/*.py") + glob.glob(f"{ROOT}/tools/*.py") + glob.glob(f"{ROOT}/data/shapes/*.py") + glob.glob(f"{ROOT}/tests/*.py"))
 DOCS = [f"{ROOT}/README.md"] + sorted(glob.glob(f"{ROOT}/docs/*.md"))
 SCRIPTS = sorted(glob.glob(f"{ROOT}/*.py") + glob.glob(f"{ROOT}/tools/*.py") + glob.glob(f"{ROOT}/data/shapes/*.py"))
-# Documents that other branches add (the demo's and the T2I benchmarks'); linked already. Empty this set once merged.
-OTHER_BRANCHES = {"docs/demo.md"}  # written on another branch: the link checks wait for it
 REF = re.compile(r"([\w./-]+\.md)((?:,? ?§\d+)*)")
 TINY = "<!-- tiny -->"                  # the line before a fenced bash block that tests/test_docs.py runs
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -51,8 +49,7 @@ def test_code_cites_only_documents_and_sections_of_this_repo():
                     continue  # an output file such as report.md, not a citation
                 path = os.path.join(ROOT, doc)
                 if not os.path.isfile(path):
-                    if doc not in OTHER_BRANCHES:
-                        bad.append(f"{rel(f)}:{ln}: {doc} does not exist in the repository")
+                    bad.append(f"{rel(f)}:{ln}: {doc} does not exist in the repository")
                     continue
                 for n in re.findall(r"§(\d+)", secs):
                     n_refs += 1
@@ -205,8 +202,7 @@ def broken_links(md):
         path, _, anchor = target.partition("#")
         full = os.path.normpath(os.path.join(os.path.dirname(md), path)) if path else md
         if not os.path.exists(full):
-            if rel(full) not in OTHER_BRANCHES:
-                bad.append(f"{rel(md)}: ({target}): no such file")
+            bad.append(f"{rel(md)}: ({target}): no such file")
         elif anchor and full.endswith(".md") and anchor not in anchors(full):
             bad.append(f"{rel(md)}: ({target}): no such heading in {rel(full)}")
     return bad

@@ -84,7 +84,8 @@ def test_terse_captions_are_deterministic_true_subsets(data, tmp_path):
         assert prepare.describe(r["background"], r["shapes"]) == r["caption"]  # the full caption is unchanged
         bg, shapes = standins.parse_caption(r["terse"])
         assert bg in (None, r["background"]) and shapes and all(s in r["shapes"] for s in shapes)
-    # over many scenes: mostly one shape, rarely the background, sometimes everything
+    # over 400 scenes: mostly one shape, the background a third of the time (p_background 0.35, binomial s.e. 0.024),
+    # sometimes everything
     rng = random.Random(0)
     parts = [prepare.draw_scene(rng)[2] for _ in range(400)]
     trng = random.Random(1)
@@ -93,7 +94,7 @@ def test_terse_captions_are_deterministic_true_subsets(data, tmp_path):
     bgf = sum(b is not None for b, _ in got) / len(got)
     multi = [(s, p) for (_, s), p in zip(got, parts) if len(p["shapes"]) > 1]
     full = sum(len(s) == len(p["shapes"]) for s, p in multi) / len(multi)
-    assert 0.7 < one < 0.9 and 0.1 < bgf < 0.3 and 0.1 < full < 0.4
+    assert 0.7 < one < 0.9 and 0.25 < bgf < 0.45 and 0.1 < full < 0.4
 
 
 def test_caption_batch_targets_only_the_caption_and_im_end(built, uae):
