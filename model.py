@@ -410,9 +410,10 @@ class UAE(nn.Module):
                 return enc(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,
                            logits_to_keep=T + 1, **vision).logits[:, :-1]                 # (N, T, V)
         # group g = a run of rows with the same vision output and prompt; first[g] its first row, of[i] row i's group
-        first = [i for i in range(N) if i == 0 or not (r.image_embeds[i] is r.image_embeds[i - 1] and torch.equal(
-            r.prompt_ids[i], r.prompt_ids[i - 1]) and torch.equal(r.prompt_mask[i], r.prompt_mask[i - 1]))]
-        of = torch.tensor([sum(f <= i for f in first) - 1 for i in range(N)], device=ids.device)        # (N,)
+        starts = [i == 0 or not (r.image_embeds[i] is r.image_embeds[i - 1] and torch.equal(
+            r.prompt_ids[i], r.prompt_ids[i - 1]) and torch.equal(r.prompt_mask[i], r.prompt_mask[i - 1])) for i in range(N)]
+        first = [i for i in range(N) if starts[i]]
+        of = torch.tensor(starts, device=ids.device).cumsum(0) - 1                                      # (N,)
         u = torch.tensor(first, device=ids.device)
         # Qwen's 3D rotary positions of prompt + completion, as one pass over the row computes them
         pos = enc.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=r.image_grid_thw,

@@ -307,9 +307,7 @@ def fresh(run, out, rep, K, n, seed, bench_args):
         extra = ["--captions", where[p]] if k.startswith("stage3") else []
         run(["eval_unified.py", "--init", f"{folder[k]}/{k}", "--out_dir", where[k], *bench_args(src, world), *extra],
             f"fresh bench after {label(k)}", where[k], fresh=True)
-    benches = {k: json.load(open(f"{where[k]}/unified_bench.json")) for k in names}
-    stems = sorted(r["name"] for r in benches[names[-1]]["per_image"])
-    caps = {k: {r["name"]: r["caption"] for r in benches[k]["per_image"]} for k in names}
+    benches, caps, stems = read_benches(where)
     checks = measure_checks(names, benches, caps, stems)
     json.dump({"seed": seed, "world_seed": world, "n": n, "rounds": K, "checks": checks},
               open(os.path.join(rep, f"fresh{n}", "checks.json"), "w"), indent=1)
@@ -335,16 +333,25 @@ def smooth(v, k=5):
     return [sum(v[max(0, i - k + 1):i + 1]) / len(v[max(0, i - k + 1):i + 1]) for i in range(len(v))]
 
 
-# The checks: (label, what is compared per scene, digits). "before" / "after": the means over the scenes at the start
-# and the end of what the check measures.
+# The checks: (label, what is compared per scene, digits, the stage whose runs' parts are summed; None: the end
+# against stage 1). "before" / "after": the means over the scenes at the start and the end of what it measures.
 CHECKS = {
-    "stage2_names_background": ("stage 2: captions that name the background (the aha moment), fraction", "background", 2),
-    "stage2_words_rise": ("stage 2: words per caption", "words", 2),
-    "stage2_heldout_rises": ("stage 2: held-out tiny-CLIP x100 (the captioner's part)", "clip", 2),
+    "stage2_names_background": ("stage 2: captions that name the background (the aha moment), fraction", "background",
+                                2, "stage2"),
+    "stage2_words_rise": ("stage 2: words per caption", "words", 2, "stage2"),
+    "stage2_heldout_rises": ("stage 2: held-out tiny-CLIP x100 (the captioner's part)", "clip", 2, "stage2"),
     "stage3_heldout_rises": ("stage 3: held-out tiny-CLIP x100, the same captions and noise (the decoder's part)",
-                             "clip", 2),
-    "end_above_stage1": ("held-out tiny-CLIP x100, after stage 1 -> at the end", "clip", 2),
+                             "clip", 2, "stage3"),
+    "end_above_stage1": ("held-out tiny-CLIP x100, after stage 1 -> at the end", "clip", 2, None),
 }
+
+
+def read_benches(where):
+    """{checkpoint name: its eval_unified.py out_dir}, in order -> (benches {name: its unified_bench.json},
+    caps {name: {stem: caption}}, stems: the scenes the last one scored, sorted)."""
+    benches = {k: json.load(open(os.path.join(d, "unified_bench.json"))) for k, d in where.items()}
+    caps = {k: {r["name"]: r["caption"].strip() for r in b["per_image"]} for k, b in benches.items()}
+    return benches, caps, sorted(caps[list(where)[-1]])
 
 
 def paired(diffs):
@@ -367,12 +374,13 @@ def measure_checks(names, benches, caps, stems):
     def part(stage, what, s):
         return sum(value[what](k, s) - value[what](p, s) for p, k in zip(names, names[1:]) if k.startswith(stage))
     out = {}
-    for key, (_, what, _) in CHECKS.items():
-        if key == "end_above_stage1":
-            d = [value[what](names[-1], s) - value[what](names[0], s) for s in stems]
+    for key, (_, what, _, stage) in CHECKS.items():
+        if stage is None:  # the whole run
+            start = names[0]
+            d = [value[what](names[-1], s) - value[what](start, s) for s in stems]
         else:
-            d = [part(key[:6], what, s) for s in stems]
-        start = names[0] if key == "end_above_stage1" else next(p for p, k in zip(names, names[1:]) if k.startswith(key[:6]))
+            start = next(p for p, k in zip(names, names[1:]) if k.startswith(stage))
+            d = [part(stage, what, s) for s in stems]
         c = paired(d)
         c["before"] = sum(value[what](start, s) for s in stems) / len(stems)  # before the stage's first run
         c["after"] = c["before"] + c["mean"]
@@ -407,11 +415,9 @@ def report(out, rep, val, times, seed=0, K=1, reused=(), cpu=None):
     g2, ge2, g3, ge3 = (one_axis(p) for p in (s2, e2, s3, e3))
     names = ["stage1"] + [d for r in rounds for d in r]
     folder = {k: (out if k == "stage1" else rep) for k in names}
-    benches = {k: json.load(open(f"{folder[k]}/bench_{k}/unified_bench.json")) for k in names}
+    benches, caps, stems = read_benches({k: f"{folder[k]}/bench_{k}" for k in names})
     vrecs = {os.path.splitext(r["image"])[0]: r for r in map(json.loads, open(os.path.join(val, "captions.jsonl")))}
     last2, last3 = rounds[-1]
-    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(f"{rep}/bench_{last3}/recon"))
-    caps = {k: {s: open(f"{folder[k]}/bench_{k}/captions/{s}.txt").read().strip() for s in stems} for k in names}
     cstats = {k: caption_stats([caps[k][s] for s in stems], [vrecs[s] for s in stems]) for k in names}
     for k in names:  # "on a <colour> background" anywhere, also in captions the strict grammar parse rejects
         said = [BACKGROUND.search(caps[k][s]) for s in stems]
