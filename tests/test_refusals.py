@@ -274,7 +274,8 @@ def test_tools_check_flags_and_paths_first(run3, tmp_path, capsys, monkeypatch):
                     (lambda: released.main([str(tmp_path / "nope"), str(tmp_path / "conv")]), "no such folder"),
                     (lambda: released.main([str(tmp_path), under]), "is a file, not a folder"),
                     (lambda: demo.main(["--out_dir", under]), "is a file, not a folder"),
-                    (lambda: demo.main(["--rounds", "x"]), "--rounds: invalid int value")):
+                    (lambda: demo.main(["--rounds", "x"]), "--rounds: invalid int value"),
+                    (lambda: demo.main(["--fresh", "-1", "--out_dir", str(tmp_path / "d")]), "--fresh -1: must be >= 0")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             runs.cli(fn)

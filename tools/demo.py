@@ -231,6 +231,8 @@ def main(argv=None):
     K = a.rounds
     if K < 1 or n["s2_steps"] % K or n["s3_steps"] % K:
         p.error(f"--rounds {K}: must divide the stage 2 and stage 3 steps ({n['s2_steps']}, {n['s3_steps']})")
+    if a.fresh < 0:
+        p.error(f"--fresh {a.fresh}: must be >= 0 (0: no fresh scenes)")
     out = os.path.abspath(a.out_dir)
     check_writable(out, a.out_dir)
     rep = out if K == 1 else os.path.join(out, f"rounds{K}")  # where this schedule's stages and report go
