@@ -76,7 +76,7 @@ BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
 # step counts: (full run, --quick)
 PLAN = {
     "n_train": (2000, 64), "n_val": (256, 4), "eval_every": (10, 1),
-    "fm_steps": (800, 4), "sem_steps": (20, 2), "s2_steps": (30, 2), "s3_steps": (30, 2),
+    "fm_steps": (800, 4), "sem_steps": (20, 2), "s2_steps": (60, 2), "s3_steps": (60, 2),
 }
 
 

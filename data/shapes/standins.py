@@ -73,7 +73,8 @@ def parse_args(argv=None):
     a("--data", default=HERE, help="folder with train/ and val/ written by prepare.py")
     a("--out", default="out/standins", help="output folder (replaced atomically)")
     a("--seed", type=int, default=0)
-    a("--threads", type=int, default=2, help="torch threads (results depend on it through float summation order)")
+    a("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)), help="torch threads (default: "
+      "OMP_NUM_THREADS, else 2; results depend on it through float summation order)")
     a("--resolution", dest="size", type=int, default=64, help="image side in pixels")
     a("--n_train", type=int, default=0, help="use the first n training images (0: all)")
     # vae
