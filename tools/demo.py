@@ -11,7 +11,7 @@ last one). On Linux that process is a fork of this one, which has imported torch
 open_clip once, not once a phase (4-8 s each on 2 cores; the same weights, bit for bit: tests/test_demo.py);
 --spawn starts a new python for each:
   data/shapes/prepare.py      images of 1-3 coloured shapes + complete captions (train / 256 held-out)
-  data/shapes/standins.py     stand-ins for what a real user downloads, trained here (about half the demo): a
+  data/shapes/standins.py     stand-ins for what a real user downloads, trained here (about 40 % of the demo): a
                               tiny CLIP (the semantic reward), a tiny VAE, a tiny captioner fine-tuned on
                               *terse* captions (it starts under-describing, as the paper's does)
   stage1_coldstart.py         fm (the DiT learns to read the LVLM, full captions), then fm+sem (cold start)
