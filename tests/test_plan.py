@@ -101,3 +101,23 @@ def test_real_plan_and_its_table_in_the_docs(tmp_path, tiny_paths):
     cmds = [c for c in readme.replace("\\\n", " ").splitlines() if "torchrun" in c and "--preset real" in c]
     fm = [c for c in cmds if "stage1_coldstart.py" in c and "--objective fm" in c]
     assert fm and all("--dit_full" in c and "--fsdp" in c for c in fm), fm   # the plan: only --fsdp fits
+
+
+def test_bf16_products_in_fp32_leave_the_bytes_unchanged():
+    """The plan computes bf16 products in fp32 (CPUs without bf16 kernels run them ~100x slower): the outputs keep
+    bf16 dtypes and both measuring helpers book exactly the bytes of the plain bf16 run."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, 4, 32, 16, dtype=torch.bfloat16)
+    conv = torch.nn.Conv2d(4, 8, 3).to(torch.bfloat16)
+
+    def f():
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return net(x).sum() + a.float().sum() + conv(q).float().sum()
+
+    plain = bench.live_peak(f), bench.saved_by_unit(f, list(net), list(net.parameters()))
+    with bench.bf16_products_in_fp32():
+        fast = bench.live_peak(f), bench.saved_by_unit(f, list(net), list(net.parameters()))
+        assert net(x).dtype == conv(q).dtype == torch.bfloat16
+    assert fast == plain and plain[0] > 0

@@ -1024,8 +1024,45 @@ def plan_params():
     return out
 
 
+def bf16_products_in_fp32():
+    """A TorchDispatchMode for the plan's measurements: matrix products, convolutions and attention on bf16
+    tensors computed in fp32 and rounded to the dtypes the bf16 call returns (read off the meta device). The plan
+    counts bytes, not values, and a CPU without native bf16 kernels (torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    False: AVX2-only x86) runs a bf16 product about a hundred times slower than fp32. Entered outside the measuring
+    modes (live_peak's), so they book each op's bf16 output, never the fp32 temporaries made here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    slow = {"mm", "addmm", "bmm", "baddbmm", "convolution"}
+
+    class Bf16ViaFp32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            bf16 = lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
+            if (not (name in slow or "scaled_dot_product" in name) or "out" in kwargs or name.endswith("_")
+                    or not any(bf16(x) for x in (*args, *kwargs.values()))):
+                return func(*args, **kwargs)
+            try:
+                meta = func(*tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, args),
+                            **tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, kwargs))
+            except Exception:  # no meta kernel: compute as asked
+                return func(*args, **kwargs)
+            up = lambda x: x.float() if bf16(x) else x
+            out = func(*tree_map(up, args), **tree_map(up, kwargs))
+            return tree_map(lambda o, m: o.to(m.dtype) if isinstance(o, torch.Tensor) and o.dtype != m.dtype else o,
+                            out, meta) if isinstance(out, tuple) else out.to(meta.dtype)
+
+    return Bf16ViaFp32()
+
+
 def plan_measure(a):
     """Every measurement the plan needs -> {name: fit}; prints what ran and how long."""
+    with bf16_products_in_fp32():
+        return _plan_measure(a)
+
+
+def _plan_measure(a):
     t0, meas = time.time(), {}
     jobs = [("dit", plan_measure_dit), ("lm lora", plan_measure_lm), ("vae decoder", plan_measure_vae),
             ("clip", plan_measure_clip), ("projector", plan_measure_projector)]
