@@ -1034,24 +1034,23 @@ def bf16_products_in_fp32():
     from torch.utils._pytree import tree_map
 
     slow = {"mm", "addmm", "bmm", "baddbmm", "convolution"}
+    bf16 = lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
+    to = lambda how: lambda x: how(x) if isinstance(x, torch.Tensor) else x   # a tensor map for tree_map
 
     class Bf16ViaFp32(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
-            bf16 = lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
             if (not (name in slow or "scaled_dot_product" in name) or "out" in kwargs or name.endswith("_")
                     or not any(bf16(x) for x in (*args, *kwargs.values()))):
                 return func(*args, **kwargs)
-            try:
-                meta = func(*tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, args),
-                            **tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, kwargs))
+            try:  # the dtypes the bf16 call returns
+                meta = func(*tree_map(to(lambda x: x.to("meta")), args), **tree_map(to(lambda x: x.to("meta")), kwargs))
             except Exception:  # no meta kernel: compute as asked
                 return func(*args, **kwargs)
-            up = lambda x: x.float() if bf16(x) else x
+            up = to(lambda x: x.float() if x.dtype == torch.bfloat16 else x)
             out = func(*tree_map(up, args), **tree_map(up, kwargs))
-            return tree_map(lambda o, m: o.to(m.dtype) if isinstance(o, torch.Tensor) and o.dtype != m.dtype else o,
-                            out, meta) if isinstance(out, tuple) else out.to(meta.dtype)
+            return tree_map(lambda o, m: o.to(m.dtype) if isinstance(o, torch.Tensor) else o, out, meta)
 
     return Bf16ViaFp32()
 
@@ -1059,20 +1058,16 @@ def bf16_products_in_fp32():
 def plan_measure(a):
     """Every measurement the plan needs -> {name: fit}; prints what ran and how long."""
     with bf16_products_in_fp32():
-        return _plan_measure(a)
-
-
-def _plan_measure(a):
-    t0, meas = time.time(), {}
-    jobs = [("dit", plan_measure_dit), ("lm lora", plan_measure_lm), ("vae decoder", plan_measure_vae),
-            ("clip", plan_measure_clip), ("projector", plan_measure_projector)]
-    for name, job in jobs:
-        t = time.time()
-        r = job()
-        meas.update({f"dit {k}": v for k, v in r.items()} if name == "dit" else {name: r})
-        print(f"  measured {name:<12} {time.time() - t:5.1f} s", flush=True)
-    print(f"  measurements: {time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads")
-    return meas
+        t0, meas = time.time(), {}
+        jobs = [("dit", plan_measure_dit), ("lm lora", plan_measure_lm), ("vae decoder", plan_measure_vae),
+                ("clip", plan_measure_clip), ("projector", plan_measure_projector)]
+        for name, job in jobs:
+            t = time.time()
+            r = job()
+            meas.update({f"dit {k}": v for k, v in r.items()} if name == "dit" else {name: r})
+            print(f"  measured {name:<12} {time.time() - t:5.1f} s", flush=True)
+        print(f"  measurements: {time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads")
+        return meas
 
 
 def _act(f, rows, size, units, ckpt):
